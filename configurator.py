@@ -1,0 +1,65 @@
+"""
+Config overrides for every script, nanoGPT's semantics without exec'ing the command line:
+
+    python train_gen.py config/tiny.py --batch_size=4 --compile=False
+
+Each script declares one @dataclass of defaults. A `.py` file argument is run and its top-level names
+override fields; then each `--key=value` overrides one field. The type of the default is enforced and
+unknown keys are an error, so a typo never silently trains the wrong model. Other bare arguments are
+handed back to the script (scaling_fit.py takes CSV paths that way).
+"""
+import ast
+import dataclasses
+import runpy
+
+
+def _coerce(key, value, default):
+    if isinstance(default, bool):  # before int: bool is a subclass of int
+        if isinstance(value, str):
+            if value not in ("True", "False"):
+                raise ValueError(f"--{key} must be True or False, got {value!r}")
+            return value == "True"
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be a bool, got {value!r}")
+        return value
+    if isinstance(value, str) and not isinstance(default, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--{key}={value!r} is not a valid {type(default).__name__}") from None
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not type(default):
+        raise ValueError(f"{key} must be {type(default).__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def parse_config(config, argv):
+    """Returns (config with overrides applied, list of positional arguments)."""
+    if isinstance(config, type):
+        config = config()
+    fields = {f.name for f in dataclasses.fields(config)}
+    overrides, positional = {}, []
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, value = arg[2:].partition("=")
+            if not sep:
+                raise ValueError(f"expected --key=value, got {arg!r}")
+            overrides[key] = value
+        elif arg.endswith(".py"):
+            names = runpy.run_path(arg)
+            for key, value in names.items():
+                if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+                    continue
+                if key not in fields:
+                    raise ValueError(f"{arg}: unknown config key {key!r}")
+                overrides[key] = value
+        else:
+            positional.append(arg)
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key {key!r}; known: {', '.join(sorted(fields))}")
+        setattr(config, key, _coerce(key, value, getattr(config, key)))
+    if hasattr(config, "__post_init__"):
+        config.__post_init__()
+    return config, positional
