@@ -6,13 +6,13 @@ offline on a laptop, plus the tiny tokenizers and random base models that stand 
 
 Design (fixed before any model was run on it; the benchmarks are not tuned on results)
 --------------------------------------------------------------------------------------
-Image: a grid of R x C cells (R, C in 3..6, cell side 32-40 px, so 97-241 px wide or high, portrait, square and
-landscape all occur) on a light background with dark 1-px grid lines, and a white label band (18 px, above or
+Image: a grid of R x C cells (R, C in 3..6, cell side 32-40 px: 97-241 px wide, 115-259 px high, so portrait,
+square and landscape all occur) on a light background with dark 1-px grid lines, and a white label band (18 px, above or
 below the grid) holding a 3-character code such as "KX7" at a random horizontal position. 2-6 cells hold a solid
 shape: colour in {red, green, blue, yellow, purple, orange}, shape in {circle, square, triangle, diamond}.
-Rows are counted top to bottom and columns left to right from 1. Shapes cover about a sixth of the image
-side, so after the 112-px global view one shape is about one 14-px patch: small details need the crops and
-enough tokens, which is what makes the number of vision tokens matter.
+Rows are counted top to bottom and columns left to right from 1. A shape spans 2/3 of a cell, 1-2 patches of
+the 112-px global view and the label's characters less than one: small details need the crops and enough
+tokens, which is what makes the number of vision tokens matter.
 
 Question types (the `category` of every benchmark row):
   cell_colour   "What colour is the shape in row 2, column 3?" -> "red"      (one cell: many tokens, or the
@@ -26,10 +26,10 @@ Question types (the `category` of every benchmark row):
   describe      "Describe the image in detail." -> every occupied cell, row by row (needs all tokens)
   caption       COCO's prompt -> "A 4 by 5 grid: red circle, blue square." (objects in reading order)
 Training conversations hold 2-4 turns (so n_s, the token count of later questions, is exercised), drawn with
-weights 3,2,2,1,2,1,2,2,1,1 over the types above (yes/no answers: a fair coin; in the benchmarks: exactly half). A short-answer turn is asked plainly, with VLMEvalKit's VQA
-suffix, or as VLMEvalKit's multiple-choice prompt answered by a letter, so the tiny model learns the benchmark
-formats; yes/no turns are bare questions as in POPE; caption turns use COCO_VAL's prompt and one of 5 caption
-phrasings.
+weights 3,2,2,1,2,1,2,2,1,1 over the types above (yes/no answers: a fair coin; in the benchmarks: exactly
+half). A short-answer turn is asked plainly, with VLMEvalKit's VQA suffix, or as VLMEvalKit's multiple-choice
+prompt answered by a letter, so the tiny model learns the benchmark formats; yes/no turns are bare questions as
+in POPE; caption turns use COCO_VAL's prompt and one of the 5 caption phrasings.
 
 Benchmarks (VLMEvalKit TSVs, images base64 PNG, each row its own held-out image drawn from a separate random
 stream, categories in a fixed rotation so every category has the same number of rows):
