@@ -1,0 +1,362 @@
+"""
+Stage 1: contrastive alignment of the fused model's question tokens with the CLIP text encoder.
+
+    python train_align.py config/tiny.py                                        # CPU, seconds
+    torchrun --standalone --nproc_per_node=8 train_align.py config/paper_align.py
+
+Trains the CLIP vision trunk, the merge conv, the fused model (random init), the CLIP text tower (positions
+extended to text_max_positions) and the alignment head. For a micro-batch with A question-answer turns:
+
+    loss = symmetric InfoNCE(questions (A, P), answers (A, P)) + eye_weight * MSE(F F^T, I)
+
+questions: each question's EOS output through the alignment head; answers: the CLIP text embedding of the turn's
+answer, with entries outside mean +- text_outlier_sigma * std of the micro-batch tensor zeroed (the reference
+code does this); both L2-normalised. F (N_out, D): every fused output of the micro-batch, L2-normalised.
+
+Negatives are the other turns of the same micro-batch (gather_negatives=True: of the micro-batches that all ranks
+run at the same micro-step, gathered open_clip style; the eye term and the outlier statistics stay per rank).
+So gradient accumulation is not a bigger contrastive batch: a step averages the losses of grad_accum x world_size
+micro-batches of batch_size conversations each, and batch_size (x world_size when gathering) sets how many
+negatives a turn sees. Micro-batch j of a step goes to rank j % world_size, so one process with grad_accum=2A
+trains exactly like two with grad_accum=A.
+"""
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+
+from configurator import parse_config
+from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, collate
+from model import (AlignModel, CLIPText, FusedVLMConfig, ViT, configure_optimizer, cosine_lr, linear_params,
+                   load_checkpoint, load_optimizer_tensors, load_trainable, optimizer_tensors, peak_flops,
+                   save_checkpoint)
+
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = "out/align"
+    data_dir: str = "data/llava/out"  # holds train_file; the image paths in it are relative to data_dir
+    train_file: str = "train.jsonl"
+    clip_path: str = "weights/CLIP-ViT-H-14-laion2B-s32B-b79K"  # vision trunk, text tower, BPE vocabulary
+    llama_path: str = "weights/Llama-2-7b-chat-hf"  # only its tokenizer.model: the LLM layout decides what fits
+    skip_bad: bool = False  # count and skip malformed JSONL lines instead of stopping at the first
+    resume: bool = False  # continue out_dir/ckpt.safetensors exactly
+    stop_at_step: int = 0  # end this run early (with a checkpoint) at this step, e.g. for a job time limit
+    log_interval: int = 10
+    ckpt_interval: int = 200
+    seed: int = 1337  # model init and the data order
+    num_workers: int = 4
+    # token space (fusion.py)
+    image_size: int = 336
+    num_crops: int = 16
+    n_l: int = 256
+    n_s: int = 8
+    max_seq_len: int = 4096
+    # model
+    fused_layers: int = 12
+    fused_heads: int = 20
+    fused_mlp: int = 5120
+    text_max_positions: int = 512
+    # loss
+    eye_weight: float = 1.0
+    text_outlier_sigma: float = 1.0  # 0 disables
+    gather_negatives: bool = False
+    # optimisation
+    batch_size: int = 32  # conversations per micro-batch per process
+    grad_accum: int = 1
+    max_iters: int = 1000
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables
+    # system
+    dtype: str = "bfloat16"  # autocast dtype on GPU ("bfloat16" or "float32"); CPU always runs float32
+    compile: bool = False  # torch.compile each ViT and fused-model block
+    activation_checkpointing: bool = False  # recompute each ViT, fused and text block in the backward
+
+
+cfg, positional = parse_config(Config(), sys.argv[1:])
+if positional:
+    sys.exit(f"unexpected arguments {positional}: use --key=value")
+if cfg.dtype not in ("bfloat16", "float32"):
+    sys.exit(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
+
+# -----------------------------------------------------------------------------
+# DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
+ddp = "RANK" in os.environ
+if ddp:
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+else:
+    rank, local_rank, world_size = 0, 0, 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+master = rank == 0
+log = print if master else (lambda *args, **kwargs: None)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and cfg.dtype == "bfloat16" else nullcontext()
+log(json.dumps(asdict(cfg), indent=1))
+log(f"device {device}, world size {world_size}")
+if master:
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+for key, what in [("clip_path", "a CLIP checkpoint folder (config.json, model.safetensors, vocab.json, merges.txt), "
+                                "e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K from the Hugging Face hub"),
+                  ("llama_path", "the Llama-2 folder with tokenizer.model, e.g. meta-llama/Llama-2-7b-chat-hf"),
+                  ("data_dir", f"the folder with {cfg.train_file} and its images, written by data/<name>/prepare.py")]:
+    if not os.path.exists(getattr(cfg, key)):
+        sys.exit(f"{key}={getattr(cfg, key)!r} does not exist: download {what} and put it there (or pass --{key}=...)")
+
+# -----------------------------------------------------------------------------
+# data: a seeded permutation per epoch, cut into steps of global_batch conversations. Within a step, micro-batch j
+# goes to rank j % world_size, so the micro-batches of a step are the same for any split into ranks x accumulation.
+token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cfg.llama_path, image_size=cfg.image_size,
+                                          num_crops=cfg.num_crops, n_l=cfg.n_l, n_s=cfg.n_s, max_seq_len=cfg.max_seq_len,
+                                          max_answer_tokens=cfg.text_max_positions))
+dataset = ConversationDataset(os.path.join(cfg.data_dir, cfg.train_file), cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
+log(dataset.summary())
+global_batch = cfg.batch_size * cfg.grad_accum * world_size
+steps_per_epoch = len(dataset) // global_batch
+if steps_per_epoch == 0:
+    sys.exit(f"{len(dataset)} samples do not fill one global batch of {global_batch}: lower batch_size or grad_accum")
+log(f"global batch {global_batch} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} processes; "
+    f"{steps_per_epoch} steps per epoch; each epoch leaves out {len(dataset) - steps_per_epoch * global_batch} samples "
+    f"(a different random set every epoch)")
+
+
+def step_batches(start_step):
+    """Yields this process's grad_accum collated micro-batches for every step from start_step on, across epochs."""
+    step = start_step
+    while True:
+        epoch, cursor = divmod(step, steps_per_epoch)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(dataset)).tolist()
+        micro = [order[i:i + cfg.batch_size] for i in range(cursor * global_batch, steps_per_epoch * global_batch, cfg.batch_size)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro[rank::world_size], collate_fn=collate,
+                                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        batches = iter(loader)
+        for _ in range(cursor, steps_per_epoch):
+            yield [next(batches) for _ in range(cfg.grad_accum)]
+        step = (epoch + 1) * steps_per_epoch
+
+
+# -----------------------------------------------------------------------------
+# model: CLIP's vision trunk and text tower from clip_path, the fused model and the alignment head random.
+torch.manual_seed(cfg.seed)
+random.seed(cfg.seed)
+np.random.seed(cfg.seed)
+vit = ViT.from_hf(cfg.clip_path, image_size=cfg.image_size)
+text = CLIPText.from_hf(cfg.clip_path, max_positions=cfg.text_max_positions)
+model_cfg = FusedVLMConfig(vit=vit.cfg, text=text.cfg, fused_layers=cfg.fused_layers, fused_heads=cfg.fused_heads,
+                           fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip))
+raw_model = AlignModel(model_cfg)
+raw_model.vision.vit.load_state_dict(vit.state_dict())
+raw_model.text.load_state_dict(text.state_dict())
+del vit, text
+raw_model.to(device)
+for block in [*raw_model.vision.vit.layers, *raw_model.fused.layers, *raw_model.text.layers]:
+    if cfg.activation_checkpointing:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    if cfg.compile:
+        block.compile()  # per block: the fused model's variable crop counts would recompile a whole-model graph
+model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else raw_model
+log(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M trainable parameters")
+
+optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
+ckpt_path = os.path.join(cfg.out_dir, "ckpt.safetensors")
+start_step = 0
+if cfg.resume:
+    tensors, meta = load_checkpoint(ckpt_path)
+    if meta.get("stage") != "align":
+        sys.exit(f"{ckpt_path}: a {meta.get('stage')!r} checkpoint, not a stage-1 (align) one")
+    expected = json.loads(json.dumps(asdict(model_cfg)))
+    if meta["model_config"] != expected:
+        diff = {k: (meta["model_config"].get(k), v) for k, v in expected.items() if meta["model_config"].get(k) != v}
+        sys.exit(f"{ckpt_path}: model config differs from this run's (checkpoint, now): {diff}")
+    for key in ("seed", "batch_size", "grad_accum"):
+        if meta["config"][key] != getattr(cfg, key):
+            sys.exit(f"{ckpt_path}: {key}={meta['config'][key]} in the checkpoint, {getattr(cfg, key)} now: the data order "
+                     f"would not continue; resume with the checkpoint's value")
+    if meta["world_size"] != world_size:
+        sys.exit(f"{ckpt_path}: saved by {meta['world_size']} processes, resumed by {world_size}: use the same count")
+    changed = {k: (v, getattr(cfg, k)) for k, v in meta["config"].items() if k != "resume" and v != getattr(cfg, k)}
+    if changed:
+        log(f"resuming with changed settings (checkpoint, now): {changed}")
+    load_trainable(raw_model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, ckpt_path)
+    load_optimizer_tensors(raw_model, optimizer, tensors)
+    start_step = meta["step"]
+    torch.set_rng_state(tensors[f"rng.torch.{rank}"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"])
+    python_state = meta["rng_python"][rank]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    name, keys, pos, has_gauss, gauss = meta["rng_numpy"][rank]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    log(f"resumed from {ckpt_path} at step {start_step}")
+
+
+def save(step):
+    """Trainable weights, optimizer, schedule position, data cursor, every rank's RNG states, configs: atomically."""
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+           "python": random.getstate(), "numpy": np.random.get_state()}
+    states = [None] * world_size
+    if ddp:
+        dist.all_gather_object(states, rng)
+    else:
+        states = [rng]
+    if not master:
+        return
+    tensors = {f"model.{k}": v for k, v in raw_model.state_dict().items()}
+    tensors.update(optimizer_tensors(raw_model, optimizer))
+    for r, state in enumerate(states):
+        tensors[f"rng.torch.{r}"] = state["torch"]
+        if state["cuda"] is not None:
+            tensors[f"rng.cuda.{r}"] = state["cuda"]
+    epoch, cursor = divmod(step, steps_per_epoch)
+    meta = {"stage": "align", "step": step, "data_seed": cfg.seed, "epoch": epoch, "cursor": cursor,
+            "steps_per_epoch": steps_per_epoch, "world_size": world_size, "config": asdict(cfg),
+            "model_config": asdict(model_cfg), "base_weights": {"clip_path": cfg.clip_path},
+            "rng_python": [[s["python"][0], list(s["python"][1]), s["python"][2]] for s in states],
+            "rng_numpy": [[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in states]}
+    save_checkpoint(ckpt_path, tensors, meta)
+    log(f"saved {ckpt_path} at step {step}")
+
+
+# -----------------------------------------------------------------------------
+# loss
+
+
+def gather_rows(x):
+    """(n_r, P) on every rank, n_r may differ -> (sum n_r, P) in rank order. This rank's rows are x itself, so the
+    gradient reaches them; the other ranks' rows are constants here (each rank back-propagates its own)."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros(max(sizes), x.shape[1])
+    padded[:len(x)] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    parts = [part[:n] for part, n in zip(parts, sizes)]
+    parts[rank] = x
+    return torch.cat(parts)
+
+
+def align_loss(questions, answers, fused, logit_scale):
+    """-> (contrastive, eye) for one micro-batch; see the docstring at the top."""
+    questions, answers, fused = questions.float(), answers.float(), fused.float()
+    if cfg.text_outlier_sigma > 0:
+        mean, std = answers.mean(), answers.std()
+        answers = torch.where((answers - mean).abs() <= cfg.text_outlier_sigma * std, answers, 0.0)
+    q, a = F.normalize(questions, dim=-1), F.normalize(answers, dim=-1)
+    if cfg.gather_negatives:
+        q, a = gather_rows(q), gather_rows(a)
+    logits = logit_scale.exp() * q @ a.T  # (A, A): row i's positive is column i
+    targets = torch.arange(len(q), device=q.device)
+    contrastive = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    f = F.normalize(fused, dim=-1)
+    eye = F.mse_loss(f @ f.T, torch.eye(len(f), device=f.device))
+    return contrastive, eye
+
+
+def align_flops(batch):
+    """Model FLOPs of one forward+backward (MFU's numerator), counted like model.train_flops: every weight is
+    trainable (6 per weight per token), attention 12 x layers x width x T per token."""
+    vit, text = model_cfg.vit, model_cfg.text
+    K, A = len(batch["pixel_values"]), len(batch["answer_ids"])
+    patches = (vit.image_size // vit.patch_size) ** 2
+    flops = 6 * K * (linear_params(raw_model.vision.vit) * (1 + patches)
+                     + raw_model.vision.vit.patch_embedding.weight.numel() * patches
+                     + raw_model.vision.merge.weight.numel() * (raw_model.vision.tokens_per_crop() - 1))
+    flops += 12 * K * vit.layers * vit.width * (1 + patches) ** 2
+    fused_lens = torch.bincount(batch["crop_to_sample"], minlength=len(batch["fused_ids"])) \
+        * raw_model.vision.tokens_per_crop() + batch["fused_attention_mask"].sum(-1)
+    flops += 6 * linear_params(raw_model.fused) * int(fused_lens.sum()) + 12 * model_cfg.fused_layers * vit.width * int((fused_lens ** 2).sum())
+    text_lens = batch["answer_attention_mask"].sum(-1)
+    flops += 6 * linear_params(raw_model.text) * int(text_lens.sum()) + 12 * text.layers * text.width * int((text_lens ** 2).sum())
+    flops += 6 * raw_model.align_head.weight.numel() * A
+    return float(flops), int(fused_lens.sum())
+
+
+# -----------------------------------------------------------------------------
+# training loop
+peak = peak_flops(device)
+# with gathered negatives every rank computes the whole contrastive loss but back-propagates only through its own
+# rows; DDP's mean over ranks would then give 1/world_size of the gradient, hence the factor
+contrastive_scale = world_size if cfg.gather_negatives else 1
+batches = step_batches(start_step)
+t_start = t_log = time.time()
+steps_since_log = steps_run = 0
+totals = torch.zeros(3, dtype=torch.float64, device=device)  # since the last log: samples, fused tokens, FLOPs
+for step in range(start_step, cfg.max_iters):
+    lr = cosine_lr(step, cfg.max_iters, cfg.lr, cfg.warmup_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for micro_step, batch in enumerate(next(batches)):
+        flops, tokens = align_flops(batch)  # on the host copy: no device syncs
+        totals += torch.tensor([len(batch["fused_ids"]), tokens, flops], dtype=torch.float64, device=device)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        last = micro_step == cfg.grad_accum - 1
+        with model.no_sync() if ddp and not last else nullcontext():  # forward AND backward, or nothing is skipped
+            with autocast:
+                questions, answers, fused = model(batch)
+            contrastive, eye = align_loss(questions, answers, fused, raw_model.logit_scale)
+            ((contrastive * contrastive_scale + cfg.eye_weight * eye) / cfg.grad_accum).backward()
+        loss_sum += (contrastive + cfg.eye_weight * eye).detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        raw_model.logit_scale.clamp_(max=math.log(100))  # CLIP's cap on the temperature
+    step_done = step + 1
+    steps_since_log += 1
+    steps_run += 1
+
+    if step_done % cfg.log_interval == 0 or step_done == cfg.max_iters or step_done == cfg.stop_at_step:
+        stats = torch.cat([loss_sum.view(1), totals])
+        if ddp:
+            dist.all_reduce(stats)
+        loss = stats[0].item() / (cfg.grad_accum * world_size)
+        dt = (time.time() - t_log) / steps_since_log
+        samples_s, tokens_s = stats[1].item() / steps_since_log / dt, stats[2].item() / steps_since_log / dt
+        mfu = stats[3].item() / steps_since_log / dt / (peak * world_size) if peak else None
+        memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
+        log(f"step {step_done}/{cfg.max_iters} | loss {loss:.5f} | lr {lr:.3e} | {dt * 1000:.0f} ms/step | "
+            f"{samples_s:.1f} samples/s | {tokens_s:.0f} fused tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'} | "
+            f"peak mem {memory:.2f} GB")
+        if master:
+            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step_done, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
+                                    "ms_per_step": dt * 1000, "samples_per_s": samples_s, "tokens_per_s": tokens_s,
+                                    "mfu": mfu, "peak_mem_gb": memory}) + "\n")
+        t_log, steps_since_log = time.time(), 0
+        totals.zero_()
+    if step_done % cfg.ckpt_interval == 0 or step_done == cfg.max_iters or step_done == cfg.stop_at_step:
+        save(step_done)
+    if step_done == cfg.stop_at_step:
+        break
+
+log(f"done: {steps_run} steps, {steps_run * global_batch} samples in {time.time() - t_start:.1f} s")
+if ddp:
+    dist.barrier()  # without it gloo processes sometimes abort at exit
+    dist.destroy_process_group()

@@ -1,0 +1,348 @@
+"""
+Stages 2 and 3: next-token loss on the answers through the frozen LLM.
+
+    python train_gen.py config/tiny.py --init_from=out/tiny/ckpt.safetensors       # CPU, seconds
+    torchrun --standalone --nproc_per_node=8 train_gen.py config/paper_gen.py       # stage 2, from stage 1
+    torchrun --standalone --nproc_per_node=8 train_gen.py config/paper_finetune.py --n_l=64 --out_dir=out/ft-64
+
+Trains the CLIP vision trunk, the merge conv, the fused model and the bridge; the LLM is frozen (bf16 on GPU, no
+gradients, not in the optimizer, not in DDP's buckets, never in a checkpoint). init_from: a stage-1 checkpoint (its
+vision and fused weights; the bridge starts fresh, the text tower and alignment head are dropped) or a stage-2 one
+(bridge included); empty: the vision trunk from clip_path and a random fused model.
+
+Loss: cross-entropy on the answer tokens and their </s>, normalised by the supervised-token count N of the WHOLE
+optimizer step. Each step first collates its micro-batches, counts their label tokens and all-reduces the count;
+then micro-batch m on rank r back-propagates loss_sum[r, m] * world_size / N. DDP averages gradients over ranks,
+so the step's gradient is (1 / world_size) * sum_r sum_m world_size / N * grad loss_sum[r, m] = grad of
+sum_{r, m} loss_sum[r, m] / N: the token mean over the global batch, whatever the split into ranks and micro-steps
+and however the answer lengths vary. The price: a step's grad_accum micro-batches sit in host memory together.
+
+data_fraction < 1 (stage 3) trains on a fixed random subset of the JSONL's lines, drawn with its own seed: the same
+lines for every n_l and every seed (a line that does not fit max_seq_len at some n_l is skipped and counted there).
+"""
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+
+from configurator import parse_config
+from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, collate
+from model import (FusedModel, FusedVLM, FusedVLMConfig, Llama, ViT, VisionTower, configure_optimizer, cosine_lr,
+                   load_checkpoint, load_optimizer_tensors, load_trainable, optimizer_tensors, peak_flops,
+                   save_checkpoint, train_flops)
+
+DATA_FRACTION_SEED = 0  # fixed on purpose: every n_l of a sweep fine-tunes on the same lines
+
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = "out/gen"
+    data_dir: str = "data/llava/out"  # holds train_file; the image paths in it are relative to data_dir
+    train_file: str = "train.jsonl"
+    clip_path: str = "weights/CLIP-ViT-H-14-laion2B-s32B-b79K"  # vision trunk config (+ weights without init_from), BPE
+    llama_path: str = "weights/Llama-2-7b-chat-hf"  # the frozen LLM and its tokenizer.model
+    init_from: str = ""  # a stage-1 or stage-2 checkpoint; empty: vision from clip_path, fused model random
+    skip_bad: bool = False  # count and skip malformed JSONL lines instead of stopping at the first
+    resume: bool = False  # continue out_dir/ckpt.safetensors exactly (init_from is then ignored)
+    stop_at_step: int = 0  # end this run early (with a checkpoint) at this step, e.g. for a job time limit
+    log_interval: int = 10
+    ckpt_interval: int = 200
+    seed: int = 1337  # model init (fresh parts) and the data order
+    num_workers: int = 4
+    data_fraction: float = 1.0
+    # token space (fusion.py)
+    image_size: int = 336
+    num_crops: int = 16
+    n_l: int = 256
+    n_s: int = 8
+    drop_question: bool = False  # the VQ ablation: the fused model does not see the question (the LLM does)
+    max_seq_len: int = 4096
+    # model (must match init_from's)
+    fused_layers: int = 12
+    fused_heads: int = 20
+    fused_mlp: int = 5120
+    # optimisation
+    batch_size: int = 5  # conversations per micro-batch per process
+    grad_accum: int = 64
+    epochs: int = 2  # sets max_iters when max_iters is 0
+    max_iters: int = 0
+    lr: float = 2e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables
+    # system
+    dtype: str = "bfloat16"  # autocast dtype and LLM weights on GPU ("bfloat16" or "float32"); CPU runs float32
+    compile: bool = False  # torch.compile each ViT, fused-model and LLM block
+    activation_checkpointing: bool = False  # recompute each ViT and fused block in the backward
+
+
+cfg, positional = parse_config(Config(), sys.argv[1:])
+if positional:
+    sys.exit(f"unexpected arguments {positional}: use --key=value")
+if cfg.dtype not in ("bfloat16", "float32"):
+    sys.exit(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
+if not 0 < cfg.data_fraction <= 1:
+    sys.exit(f"data_fraction must be in (0, 1], got {cfg.data_fraction}")
+
+# -----------------------------------------------------------------------------
+# DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
+ddp = "RANK" in os.environ
+if ddp:
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+else:
+    rank, local_rank, world_size = 0, 0, 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+master = rank == 0
+log = print if master else (lambda *args, **kwargs: None)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+bf16 = device.type == "cuda" and cfg.dtype == "bfloat16"
+autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
+log(json.dumps(asdict(cfg), indent=1))
+log(f"device {device}, world size {world_size}")
+if master:
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+for key, what in [("clip_path", "a CLIP checkpoint folder (config.json, model.safetensors, vocab.json, merges.txt), "
+                                "e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K from the Hugging Face hub"),
+                  ("llama_path", "the Llama-2 folder (config.json, *.safetensors, tokenizer.model), "
+                                 "e.g. meta-llama/Llama-2-7b-chat-hf"),
+                  ("data_dir", f"the folder with {cfg.train_file} and its images, written by data/<name>/prepare.py"),
+                  *([("init_from", "the checkpoint of the previous stage (train_align.py or train_gen.py writes it)")]
+                    if cfg.init_from and not cfg.resume else [])]:
+    if not os.path.exists(getattr(cfg, key)):
+        sys.exit(f"{key}={getattr(cfg, key)!r} does not exist: download {what} and put it there (or pass --{key}=...)")
+
+# -----------------------------------------------------------------------------
+# data: a seeded permutation per epoch, cut into steps of global_batch conversations. Within a step, micro-batch j
+# goes to rank j % world_size, so the micro-batches of a step are the same for any split into ranks x accumulation.
+token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cfg.llama_path, image_size=cfg.image_size,
+                                          num_crops=cfg.num_crops, n_l=cfg.n_l, n_s=cfg.n_s,
+                                          drop_question=cfg.drop_question, max_seq_len=cfg.max_seq_len))
+train_path = os.path.join(cfg.data_dir, cfg.train_file)
+dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
+log(dataset.summary())
+if cfg.data_fraction < 1:
+    with open(train_path, "rb") as f:
+        n_lines = sum(1 for _ in f)
+    chosen = np.random.default_rng(DATA_FRACTION_SEED).permutation(n_lines)[:round(cfg.data_fraction * n_lines)] + 1
+    subset = np.flatnonzero(np.isin(dataset.line_numbers, chosen))
+    log(f"data_fraction {cfg.data_fraction}: {len(chosen)} of {n_lines} lines chosen, {len(subset)} of them usable")
+    dataset = torch.utils.data.Subset(dataset, subset.tolist())
+global_batch = cfg.batch_size * cfg.grad_accum * world_size
+steps_per_epoch = len(dataset) // global_batch
+if steps_per_epoch == 0:
+    sys.exit(f"{len(dataset)} samples do not fill one global batch of {global_batch}: lower batch_size or grad_accum")
+max_iters = cfg.max_iters or cfg.epochs * steps_per_epoch
+log(f"global batch {global_batch} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} processes; "
+    f"{steps_per_epoch} steps per epoch, {max_iters} steps; each epoch leaves out "
+    f"{len(dataset) - steps_per_epoch * global_batch} samples (a different random set every epoch)")
+
+
+def step_batches(start_step):
+    """Yields this process's grad_accum collated micro-batches for every step from start_step on, across epochs."""
+    step = start_step
+    while True:
+        epoch, cursor = divmod(step, steps_per_epoch)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(dataset)).tolist()
+        micro = [order[i:i + cfg.batch_size] for i in range(cursor * global_batch, steps_per_epoch * global_batch, cfg.batch_size)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro[rank::world_size], collate_fn=collate,
+                                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        batches = iter(loader)
+        for _ in range(cursor, steps_per_epoch):
+            yield [next(batches) for _ in range(cfg.grad_accum)]
+        step = (epoch + 1) * steps_per_epoch
+
+
+# -----------------------------------------------------------------------------
+# model: the frozen LLM from llama_path; the vision trunk from clip_path; fused model and bridge random, then
+# (init_from) overwritten by the previous stage's weights.
+torch.manual_seed(cfg.seed)
+random.seed(cfg.seed)
+np.random.seed(cfg.seed)
+vit = ViT.from_hf(cfg.clip_path, image_size=cfg.image_size)
+llm = Llama.from_hf(cfg.llama_path, dtype=torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
+model_cfg = FusedVLMConfig(vit=vit.cfg, llm=llm.cfg, fused_layers=cfg.fused_layers, fused_heads=cfg.fused_heads,
+                           fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip))
+with torch.device("meta"):  # shapes only: a random init of the 7B LLM that is loaded anyway would cost 27 GB
+    raw_model = FusedVLM(model_cfg)
+raw_model.vision, raw_model.fused = VisionTower(model_cfg.vit), FusedModel(model_cfg)  # model.py's random init
+raw_model.bridge = torch.nn.Linear(model_cfg.vit.width, model_cfg.llm.dim, bias=False)
+torch.nn.init.normal_(raw_model.bridge.weight, std=model_cfg.bridge_init_std)
+raw_model.vision.vit, raw_model.llm = vit, llm
+del vit, llm
+if cfg.init_from and not cfg.resume:
+    tensors, meta = load_checkpoint(cfg.init_from, prefix="model.")
+    weights = {k[len("model."):]: v for k, v in tensors.items()}
+    theirs, ours = meta.get("model_config", {}), json.loads(json.dumps(asdict(model_cfg)))
+    diff = {k: (theirs.get(k), ours[k]) for k in ("vit", "fused_layers", "fused_heads", "fused_mlp", "fused_vocab_size",
+                                                  "n_queries", "fused_eps", "fused_rope_theta") if theirs.get(k) != ours[k]}
+    if diff:
+        sys.exit(f"init_from {cfg.init_from}: its model differs from this config's (checkpoint, now): {diff}")
+    if "bridge.weight" not in weights:  # a stage-1 checkpoint: the bridge keeps its fresh N(0, bridge_init_std) init
+        weights["bridge.weight"] = raw_model.bridge.weight.detach().clone()
+    load_trainable(raw_model, weights, cfg.init_from, unused_prefixes=("text.", "align_head.", "logit_scale"))
+    log(f"initialised from {cfg.init_from} ({meta.get('stage')} checkpoint at step {meta.get('step')})")
+raw_model.to(device)
+for block in [*raw_model.vision.vit.layers, *raw_model.fused.layers]:
+    if cfg.activation_checkpointing:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    if cfg.compile:
+        block.compile()  # per block: the fused model's variable crop counts would recompile a whole-model graph
+if cfg.compile:
+    for block in raw_model.llm.layers:
+        block.compile()
+trainable = [p for p in raw_model.parameters() if p.requires_grad]
+if ddp:
+    # every rank loads the same LLM from llama_path: no 13 GB broadcast at start (and DDP buckets only
+    # parameters that require grad, so the frozen LLM costs nothing after that)
+    DDP._set_params_and_buffers_to_ignore_for_model(raw_model, [f"llm.{k}" for k in raw_model.llm.state_dict()])
+    model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None)
+else:
+    model = raw_model
+log(f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, "
+    f"{sum(p.numel() for p in raw_model.llm.parameters()) / 1e6:.2f}M frozen in the LLM")
+
+optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
+ckpt_path = os.path.join(cfg.out_dir, "ckpt.safetensors")
+start_step = 0
+if cfg.resume:
+    tensors, meta = load_checkpoint(ckpt_path)
+    if meta.get("stage") != "gen":
+        sys.exit(f"{ckpt_path}: a {meta.get('stage')!r} checkpoint, not a stage-2/3 (gen) one")
+    expected = json.loads(json.dumps(asdict(model_cfg)))
+    if meta["model_config"] != expected:
+        diff = {k: (meta["model_config"].get(k), v) for k, v in expected.items() if meta["model_config"].get(k) != v}
+        sys.exit(f"{ckpt_path}: model config differs from this run's (checkpoint, now): {diff}")
+    for key in ("seed", "batch_size", "grad_accum", "data_fraction"):
+        if meta["config"][key] != getattr(cfg, key):
+            sys.exit(f"{ckpt_path}: {key}={meta['config'][key]} in the checkpoint, {getattr(cfg, key)} now: the data order "
+                     f"would not continue; resume with the checkpoint's value")
+    if meta["world_size"] != world_size:
+        sys.exit(f"{ckpt_path}: saved by {meta['world_size']} processes, resumed by {world_size}: use the same count")
+    changed = {k: (v, getattr(cfg, k)) for k, v in meta["config"].items() if k != "resume" and v != getattr(cfg, k)}
+    if changed:
+        log(f"resuming with changed settings (checkpoint, now): {changed}")
+    load_trainable(raw_model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, ckpt_path)
+    load_optimizer_tensors(raw_model, optimizer, tensors)
+    start_step = meta["step"]
+    torch.set_rng_state(tensors[f"rng.torch.{rank}"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"])
+    python_state = meta["rng_python"][rank]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    name, keys, pos, has_gauss, gauss = meta["rng_numpy"][rank]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    log(f"resumed from {ckpt_path} at step {start_step}")
+
+
+def save(step):
+    """Trainable weights, optimizer, schedule position, data cursor, every rank's RNG states, configs: atomically."""
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+           "python": random.getstate(), "numpy": np.random.get_state()}
+    states = [None] * world_size
+    if ddp:
+        dist.all_gather_object(states, rng)
+    else:
+        states = [rng]
+    if not master:
+        return
+    tensors = {f"model.{k}": v for k, v in raw_model.trainable_state_dict().items()}
+    tensors.update(optimizer_tensors(raw_model, optimizer))
+    for r, state in enumerate(states):
+        tensors[f"rng.torch.{r}"] = state["torch"]
+        if state["cuda"] is not None:
+            tensors[f"rng.cuda.{r}"] = state["cuda"]
+    epoch, cursor = divmod(step, steps_per_epoch)
+    meta = {"stage": "gen", "step": step, "max_iters": max_iters, "data_seed": cfg.seed, "epoch": epoch,
+            "cursor": cursor, "steps_per_epoch": steps_per_epoch, "world_size": world_size, "config": asdict(cfg),
+            "model_config": asdict(model_cfg), "base_weights": {"clip_path": cfg.clip_path, "llama_path": cfg.llama_path},
+            "rng_python": [[s["python"][0], list(s["python"][1]), s["python"][2]] for s in states],
+            "rng_numpy": [[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in states]}
+    save_checkpoint(ckpt_path, tensors, meta)
+    log(f"saved {ckpt_path} at step {step}")
+
+
+# -----------------------------------------------------------------------------
+# training loop
+peak = peak_flops(device)
+batches = step_batches(start_step)
+t_start = t_log = time.time()
+steps_since_log = steps_run = 0
+totals = torch.zeros(3, dtype=torch.float64, device=device)  # since the last log: samples, LLM tokens, FLOPs
+for step in range(start_step, max_iters):
+    lr = cosine_lr(step, max_iters, cfg.lr, cfg.warmup_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    micro_batches = next(batches)
+    # the supervised-token count of the whole step, all ranks: the loss normaliser (the model shifts the labels)
+    n_labels = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches), device=device)
+    if ddp:
+        dist.all_reduce(n_labels)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for micro_step, batch in enumerate(micro_batches):
+        totals += torch.tensor([len(batch["input_ids"]), int(batch["attention_mask"].sum()), train_flops(raw_model, batch)],
+                               dtype=torch.float64, device=device)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        last = micro_step == cfg.grad_accum - 1
+        with model.no_sync() if ddp and not last else nullcontext():  # forward AND backward, or nothing is skipped
+            with autocast:
+                _, micro_loss_sum = model(batch)
+            (micro_loss_sum * world_size / n_labels).backward()  # see the docstring for the arithmetic
+        loss_sum += micro_loss_sum.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_done = step + 1
+    steps_since_log += 1
+    steps_run += 1
+
+    if step_done % cfg.log_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step:
+        stats = torch.cat([loss_sum.view(1), totals])
+        if ddp:
+            dist.all_reduce(stats)
+        loss = stats[0].item() / n_labels.item()
+        dt = (time.time() - t_log) / steps_since_log
+        samples_s, tokens_s = stats[1].item() / steps_since_log / dt, stats[2].item() / steps_since_log / dt
+        mfu = stats[3].item() / steps_since_log / dt / (peak * world_size) if peak else None
+        memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
+        log(f"step {step_done}/{max_iters} | loss {loss:.5f} | lr {lr:.3e} | {dt * 1000:.0f} ms/step | "
+            f"{samples_s:.1f} samples/s | {tokens_s:.0f} LLM tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'} | "
+            f"peak mem {memory:.2f} GB")
+        if master:
+            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step_done, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
+                                    "ms_per_step": dt * 1000, "samples_per_s": samples_s, "tokens_per_s": tokens_s,
+                                    "mfu": mfu, "peak_mem_gb": memory}) + "\n")
+        t_log, steps_since_log = time.time(), 0
+        totals.zero_()
+    if step_done % cfg.ckpt_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step:
+        save(step_done)
+    if step_done == cfg.stop_at_step:
+        break
+
+log(f"done: {steps_run} steps, {steps_run * global_batch} samples in {time.time() - t_start:.1f} s")
+if ddp:
+    dist.barrier()  # without it gloo processes sometimes abort at exit
+    dist.destroy_process_group()
