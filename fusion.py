@@ -1,0 +1,391 @@
+"""
+Token space: how one image and one conversation become the model's inputs, as explicit tensors and masks.
+
+Image -> crops (the authors' conventions, so that their checkpoints see the pixels they were trained on):
+  global view  the image pasted centred on a black square (a non-square image whose longer side exceeds S is
+               first LANCZOS-resized to longer side S; a square image is never resized here), converted with
+               ToTensor + Normalize(OpenAI CLIP mean/std), then resized to S x S *in tensor space* with
+               F.interpolate(bicubic, align_corners=False, no antialias), also when shrinking.
+  local tiles  the Phi-3-V HD rule in landscape orientation (portrait images are transposed first and back):
+               the largest integer scale with scale * ceil(scale / aspect) <= num_crops; PIL-bilinear resize to
+               width scale*S, height int(scale*S / aspect); white padding to a multiple of S with
+               top = int(pad / 2); tiles of S x S in row-major order, after the global view.
+  Every tile holds image pixels (the padding is less than S and split between top and bottom), so no tile is
+  ever "empty"; the authors' drop_empty_crops only removed the zero crops their batching added, which a
+  per-sample list never has.
+
+Conversation -> the fused-model sequence (CLIP BPE vocabulary, no <|startoftext|>), one block per question i:
+  [question_i tokens (at most max_question_tokens, head kept; none with drop_question)] [n_i - 1 query slots] [EOS]
+  n_1 = n_l, n_i = n_s for i > 1. Query slots hold the row of the learned query table (0 .. n_i - 2; later
+  questions reuse the first n_s - 1 rows); the n_i - 1 slots and the EOS are the question's n_i outputs.
+
+Conversation -> the LLM sequence (Llama-2 chat), each piece encoded on its own with the raw SentencePiece model
+(so each piece gets the dummy-prefix space, exactly as the authors' models were trained and evaluated):
+  turn 1:  <s> | "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n" | n_l slots | "{Q1}" | "[/INST]" | "{A1} " | </s>
+  turn t:  <s> | "[INST]"                                | n_s slots | "{Qt}" | "[/INST]" | "{At} " | </s>
+  <s> (1) and </s> (2) are control ids, never encoded text; slots hold the placeholder id 0 and are overwritten
+  by the bridge outputs in order. The answer piece keeps the space before </s> that Llama-2-chat's own format
+  has (SentencePiece encodes it as a lone "▁"). Labels: the answer piece's tokens and its </s>, -100 elsewhere,
+  not shifted. With an empty system prompt turn 1 starts like turn t. A generation prompt ends after the last
+  "[/INST]". Texts are used as written (no strip, bounding boxes untouched).
+
+Stage 1 also gets one CLIP row per turn: the answer's tokens (at most max_answer_tokens - 1) + EOS, truncated
+before the EOS is appended so every row ends in exactly one EOS.
+
+Length: a conversation whose LLM sequence exceeds max_seq_len loses whole trailing turns (on both sides); one
+whose first turn alone does not fit is skipped and counted.
+
+Bad input: ConversationDataset scans the whole JSONL at construction (JSON, fields, user/assistant
+alternation starting with the user and ending with an answer, empty questions or answers, the image file's
+existence, the length fit), so every count is known before training starts. Images are decoded only when a
+sample is read; a file that does not decode then raises (or, with skip_bad, is counted, reported on stderr
+and replaced by the next readable sample).
+"""
+import collections
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import sentencepiece
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import CLIPTokenizer
+
+DEFAULT_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+                         "gives helpful, detailed, and polite answers to the user's questions.")
+
+
+@dataclass
+class TokenSpaceConfig:
+    clip_path: str                  # folder with vocab.json + merges.txt (the fused model's CLIP BPE vocabulary)
+    llama_path: str                 # folder with the Llama SentencePiece tokenizer.model
+    image_size: int = 336           # S: side of the global view and of every local tile
+    num_crops: int = 16             # at most this many local tiles (Phi-3-V HD rule); 0 = global view only
+    n_l: int = 256                  # vision tokens handed to the LLM for the first question
+    n_s: int = 8                    # ... and for every later question
+    drop_question: bool = False     # VQ ablation: the fused model does not see the question (the LLM still does)
+    max_seq_len: int = 4096         # LLM tokens (Llama-2's context): longer conversations lose trailing turns
+    max_question_tokens: int = 256  # CLIP tokens of one question in the fused sequence (the head is kept)
+    max_answer_tokens: int = 512    # CLIP tokens of one stage-1 answer row incl. EOS (the text tower's positions)
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+
+# -----------------------------------------------------------------------------
+# image -> crops
+
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+
+
+def to_clip_tensor(img):
+    """PIL RGB (W x H) -> (3, H, W) float32, the same values as torchvision's ToTensor + Normalize(OpenAI CLIP)."""
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
+def global_view(img, size):
+    """(3, S, S): black square padding, then the authors' tensor-space bicubic resize."""
+    w, h = img.size
+    if w != h:
+        if max(w, h) > size:  # their expand2square: shrink the longer side to S first
+            if w > h:
+                w, h = size, max(1, int(h * (size / w)))
+            else:
+                w, h = max(1, int(w * (size / h))), size
+            img = img.resize((w, h), Image.Resampling.LANCZOS)
+        side = max(w, h)
+        square = Image.new("RGB", (side, side))  # black
+        square.paste(img, ((side - w) // 2, (side - h) // 2))
+        img = square
+    x = to_clip_tensor(img).unsqueeze(0)
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)[0]
+
+
+def local_tiles(img, size, num_crops):
+    """(k, 3, S, S) with k <= num_crops: the Phi-3-V HD transform, tiles in row-major order."""
+    if num_crops == 0:
+        return torch.empty(0, 3, size, size)
+    portrait = img.width < img.height
+    if portrait:
+        img = img.transpose(Image.Transpose.TRANSPOSE)
+    ratio = img.width / img.height  # >= 1
+    scale = 1
+    while (scale + 1) * math.ceil((scale + 1) / ratio) <= num_crops:
+        scale += 1
+    new_w = scale * size
+    new_h = max(1, int(new_w / ratio))  # max(): an image over scale*S times wider than tall would reach 0
+    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    padded_h = math.ceil(new_h / size) * size
+    canvas = Image.new("RGB", (new_w, padded_h), (255, 255, 255))
+    canvas.paste(img, (0, int((padded_h - new_h) / 2)))
+    if portrait:
+        canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
+    x = to_clip_tensor(canvas)  # (3, rows*S, cols*S)
+    rows, cols = x.shape[1] // size, x.shape[2] // size
+    return x.view(3, rows, size, cols, size).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, size, size)
+
+
+def image_crops(img, size, num_crops):
+    """(1 + k, 3, S, S): the global view first, then the local tiles."""
+    img = img.convert("RGB")
+    return torch.cat([global_view(img, size).unsqueeze(0), local_tiles(img, size, num_crops)])
+
+
+# -----------------------------------------------------------------------------
+# conversation -> the fused-model sequence and the LLM sequence
+
+IGNORE = -100   # label of positions without loss
+SLOT_ID = 0     # LLM placeholder id at the positions the bridge outputs overwrite
+
+
+class TokenSpace:
+    """Holds the settings and both tokenizers; make_sample() turns (image, turns) into one sample's tensors.
+    turns = [(question, answer), ...]; the last answer may be None for a generation prompt."""
+
+    def __init__(self, cfg: TokenSpaceConfig):
+        for name, folder, files in [("clip_path", cfg.clip_path, ["vocab.json", "merges.txt"]),
+                                    ("llama_path", cfg.llama_path, ["tokenizer.model"])]:
+            missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+            if missing:
+                raise FileNotFoundError(f"{name}={folder!r} lacks {', '.join(missing)}: point {name} at the "
+                                        f"checkpoint folder that holds {' and '.join(files)}")
+        if cfg.n_l < 1 or cfg.n_s < 1:
+            raise ValueError(f"n_l and n_s must be >= 1, got n_l={cfg.n_l}, n_s={cfg.n_s}")
+        if cfg.image_size < 1 or cfg.num_crops < 0 or cfg.max_answer_tokens < 1 or cfg.max_question_tokens < 0:
+            raise ValueError(f"bad token-space sizes in {cfg}")
+        self.cfg = cfg
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(cfg.llama_path, "tokenizer.model"))
+        self.bos, self.eos = self.sp.bos_id(), self.sp.eos_id()  # 1, 2 for Llama-2
+        self.clip = CLIPTokenizer(vocab=os.path.join(cfg.clip_path, "vocab.json"),
+                                  merges=os.path.join(cfg.clip_path, "merges.txt"))
+        self.clip_eos = self.clip.eos_token_id  # <|endoftext|>, 49407 for real CLIP
+        system = f"[INST] <<SYS>>\n{cfg.system_prompt}\n<</SYS>>\n\n" if cfg.system_prompt else "[INST]"
+        self.first_head = [self.bos] + self.sp.encode(system)
+        self.later_head = [self.bos] + self.sp.encode("[INST]")
+        self.close_inst = self.sp.encode("[/INST]")
+
+    def clip_ids(self, text):
+        # split_special_tokens: a literal "<|endoftext|>" in the text must not become an EOS
+        return self.clip(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    def llm_turn(self, index, question, answer):
+        """One turn's LLM ids, slot flags and labels (lists); answer None ends the turn after [/INST]."""
+        n = self.cfg.n_l if index == 0 else self.cfg.n_s
+        head = self.first_head if index == 0 else self.later_head
+        prompt = self.sp.encode(question) + self.close_inst
+        ids = head + [SLOT_ID] * n + prompt
+        slots = [False] * len(head) + [True] * n + [False] * len(prompt)
+        labels = [IGNORE] * len(ids)
+        if answer is not None:
+            reply = self.sp.encode(answer + " ") + [self.eos]
+            ids, slots, labels = ids + reply, slots + [False] * len(reply), labels + reply
+        return ids, slots, labels
+
+    def turns_that_fit(self, turns):
+        """How many leading turns fit in max_seq_len LLM tokens (0: not even the first)."""
+        length = 0
+        for index, (question, answer) in enumerate(turns):
+            length += len(self.llm_turn(index, question, answer)[0])
+            if length > self.cfg.max_seq_len:
+                return index
+        return len(turns)
+
+    def fused_sequence(self, questions):
+        """fused_ids, query_mask, output_mask (lists) for the questions of one conversation."""
+        ids, query, output = [], [], []
+        for index, question in enumerate(questions):
+            n = self.cfg.n_l if index == 0 else self.cfg.n_s
+            text = [] if self.cfg.drop_question else self.clip_ids(question)[:self.cfg.max_question_tokens]
+            ids += text + list(range(n - 1)) + [self.clip_eos]
+            query += [False] * len(text) + [True] * (n - 1) + [False]
+            output += [False] * len(text) + [True] * n
+        return ids, query, output
+
+    def make_sample(self, image, turns):
+        """One sample: a dict of tensors (collate() batches them). image: PIL."""
+        llm = [self.llm_turn(i, q, a) for i, (q, a) in enumerate(turns)]
+        fused_ids, query_mask, output_mask = self.fused_sequence([q for q, _ in turns])
+        answers = [self.clip_ids(a)[:self.cfg.max_answer_tokens - 1] + [self.clip_eos]
+                   for _, a in turns if a is not None]
+        return {
+            "pixel_values": image_crops(image, self.cfg.image_size, self.cfg.num_crops),  # (k, 3, S, S)
+            "fused_ids": torch.tensor(fused_ids, dtype=torch.long),                       # (Lq,)
+            "query_mask": torch.tensor(query_mask, dtype=torch.bool),
+            "output_mask": torch.tensor(output_mask, dtype=torch.bool),
+            "input_ids": torch.tensor([t for ids, _, _ in llm for t in ids], dtype=torch.long),  # (L,)
+            "slot_mask": torch.tensor([s for _, slots, _ in llm for s in slots], dtype=torch.bool),
+            "labels": torch.tensor([t for _, _, labels in llm for t in labels], dtype=torch.long),
+            "answer_ids": [torch.tensor(a, dtype=torch.long) for a in answers],           # per turn (La_i,)
+        }
+
+    def generation_sample(self, image, question):
+        """An evaluation sample: the prompt ends right after [/INST]; no labels, no answer rows."""
+        return self.make_sample(image, [(question, None)])
+
+
+# -----------------------------------------------------------------------------
+# JSONL dataset: {"image": path relative to image_root, "messages": [{"role", "content"}, ...]} per line
+
+class BadSample(ValueError):
+    def __init__(self, reason, detail):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason  # the key under which skip_bad counts it
+
+
+def parse_record(line):
+    """One JSONL line -> (image, [(question, answer), ...]); raises BadSample."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadSample("malformed JSON", str(e)) from None
+    if not isinstance(record, dict):
+        raise BadSample("bad record", f"expected an object, got {type(record).__name__}")
+    image, messages = record.get("image"), record.get("messages")
+    if not isinstance(image, str) or not image:
+        raise BadSample("bad record", f"'image' must be a non-empty path, got {image!r}")
+    if not isinstance(messages, list) or not messages:
+        raise BadSample("bad record", "'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise BadSample("bad record", f"message {i} must have string 'role' and 'content'")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise BadSample("roles do not alternate", f"message {i} has role {m['role']!r}, expected {expected!r}")
+    if len(messages) % 2:
+        raise BadSample("roles do not alternate", "the last message is a question without an answer")
+    turns = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages), 2)]
+    for t, (question, answer) in enumerate(turns):
+        if not question.strip():
+            raise BadSample("empty question", f"turn {t}")
+        if not answer.strip():
+            raise BadSample("empty answer", f"turn {t}")
+    return image, turns
+
+
+def load_image(path):
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")  # forces the full decode here, so a truncated file fails here
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadSample("unreadable image", f"{path}: {e}") from None
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a JSONL file. skip_bad=False: the first bad line raises, naming file and line.
+    skip_bad=True: bad lines are counted in .skipped by reason. A first turn longer than max_seq_len is always
+    skipped and counted; dropped trailing turns are counted in .turns_dropped."""
+
+    def __init__(self, path, image_root, token_space, skip_bad=False):
+        self.path, self.image_root, self.token_space, self.skip_bad = path, image_root, token_space, skip_bad
+        self.skipped = collections.Counter()
+        self.turns_dropped = 0
+        offsets, line_numbers, turns_kept = [], [], []
+        with open(path, "rb") as f:
+            offset = 0
+            for line_number, line in enumerate(f, start=1):
+                start, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue  # blank lines hold no sample
+                try:
+                    image, turns = parse_record(line)
+                    image_path = os.path.join(image_root, image)
+                    if not os.path.isfile(image_path):
+                        raise BadSample("missing image", image_path)
+                except BadSample as e:
+                    self._bad(line_number, e)
+                    continue
+                kept = token_space.turns_that_fit(turns)
+                if kept == 0:
+                    self.skipped["first turn longer than max_seq_len"] += 1
+                    continue
+                self.turns_dropped += len(turns) - kept
+                offsets.append(start)
+                line_numbers.append(line_number)
+                turns_kept.append(kept)
+        # numpy rather than lists of Python ints: DataLoader workers then share the pages instead of copying them
+        self.offsets = np.array(offsets, dtype=np.int64)
+        self.line_numbers = np.array(line_numbers, dtype=np.int64)
+        self.turns_kept = np.array(turns_kept, dtype=np.int64)
+        self.unreadable = set()  # indices whose image failed to decode (skip_bad)
+        if not len(self):
+            raise ValueError(f"no usable samples in {self.summary()}")
+
+    def _bad(self, line_number, error):
+        if not self.skip_bad:
+            raise ValueError(f"{self.path}, line {line_number}: {error} (skip_bad=True skips and counts such lines)")
+        self.skipped[error.reason] += 1
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __getitem__(self, index):
+        # a decode failure with skip_bad: count it once, say so on stderr, serve the next readable sample.
+        # (In DataLoader workers the count lives in the worker's copy; the stderr line is the record.)
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        for step in range(len(self)):
+            i = (index + step) % len(self)
+            if i in self.unreadable:
+                continue
+            with open(self.path, "rb") as f:
+                f.seek(int(self.offsets[i]))
+                image, turns = parse_record(f.readline())
+            try:
+                img = load_image(os.path.join(self.image_root, image))
+            except BadSample as e:
+                self._bad(self.line_numbers[i], e)
+                self.unreadable.add(i)
+                print(f"skipping {self.path}, line {self.line_numbers[i]}: {e}", file=sys.stderr)
+                continue
+            return self.token_space.make_sample(img, turns[:self.turns_kept[i]])
+        raise ValueError(f"{self.path}: no sample has a readable image")
+
+    def summary(self):
+        skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items())) or "none"
+        return (f"{self.path}: {len(self)} samples, skipped {sum(self.skipped.values())} ({skipped}), "
+                f"{self.turns_dropped} trailing turns dropped (max_seq_len={self.token_space.cfg.max_seq_len})")
+
+
+# -----------------------------------------------------------------------------
+# batching
+
+def pad_stack(rows, value, side="right"):
+    """List of 1-D tensors -> (B, max_len), padded with value on the given side."""
+    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), value, dtype=rows[0].dtype)
+    for b, row in enumerate(rows):
+        if side == "right":
+            out[b, :len(row)] = row
+        else:
+            out[b, out.shape[1] - len(row):] = row
+    return out
+
+
+def collate(samples, pad_side="right"):
+    """Samples -> the batch dict of CONTRACT.md. pad_side applies to the LLM sequence ("left" for generation);
+    the fused sequence is always right-padded (FusedModel puts it after each sample's vision tokens)."""
+    assert pad_side in ("right", "left"), pad_side
+    crops = [s["pixel_values"] for s in samples]
+    answers = [a for s in samples for a in s["answer_ids"]]
+    batch = {
+        "pixel_values": torch.cat(crops),  # (K, 3, S, S)
+        "crop_to_sample": torch.repeat_interleave(torch.arange(len(samples)), torch.tensor([len(c) for c in crops])),
+        "fused_ids": pad_stack([s["fused_ids"] for s in samples], 0),
+        "query_mask": pad_stack([s["query_mask"] for s in samples], False),
+        "output_mask": pad_stack([s["output_mask"] for s in samples], False),
+        "fused_attention_mask": pad_stack([torch.ones_like(s["query_mask"]) for s in samples], False),
+        "input_ids": pad_stack([s["input_ids"] for s in samples], SLOT_ID, pad_side),
+        "slot_mask": pad_stack([s["slot_mask"] for s in samples], False, pad_side),
+        "labels": pad_stack([s["labels"] for s in samples], IGNORE, pad_side),
+        "attention_mask": pad_stack([torch.ones_like(s["slot_mask"]) for s in samples], False, pad_side),
+    }
+    if answers:
+        batch["answer_ids"] = pad_stack(answers, 0)
+        batch["answer_attention_mask"] = pad_stack([torch.ones(len(a), dtype=torch.bool) for a in answers], False)
+    else:  # generation batches carry no answers
+        batch["answer_ids"] = torch.zeros(0, 0, dtype=torch.long)
+        batch["answer_attention_mask"] = torch.zeros(0, 0, dtype=torch.bool)
+    return batch
