@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 from configurator import parse_config
 from fusion import DEFAULT_SYSTEM_PROMPT
-from model import FusedVLM, FusedVLMConfig, LlamaConfig, ViTConfig, _weight_files, save_checkpoint
+from model import FusedVLM, FusedVLMConfig, LlamaConfig, ViTConfig, weight_files, save_checkpoint
 
 
 @dataclass
@@ -261,7 +261,7 @@ def check_llama_folder(files, llama_path, llm):
         raise ValueError(f"--llama_path={llama_path}: config {theirs} differs from their llm_config {llm}")
     if not os.path.isfile(os.path.join(llama_path, "tokenizer.model")):
         raise FileNotFoundError(f"--llama_path={llama_path}: no tokenizer.model")
-    given = _weight_files(llama_path)
+    given = weight_files(llama_path)
     llm_keys = sorted(k for k in files if k.startswith(LLM) and not k.endswith(DERIVED_BUFFERS))
     missing = [k[len(LLM):] for k in llm_keys if k[len(LLM):] not in given]
     if missing:
@@ -286,7 +286,7 @@ def convert(cfg: Config):
     if len(placeholders) < n_l - 1:
         raise ValueError(f"{cfg.src}/clip: {len(placeholders)} placeholder tokens, but n_l = {n_l} needs {n_l - 1}")
     model_cfg.fused_vocab_size, model_cfg.n_queries = len(vocab), len(placeholders)
-    files = _weight_files(cfg.src)  # refuses pickles
+    files = weight_files(cfg.src)  # refuses pickles
 
     # ours: every tensor of a FusedVLM of this config, its shape from a model built on the meta device
     with torch.device("meta"):

@@ -202,9 +202,9 @@ class CLIPText(nn.Module):
         return x, self.text_projection(pooled)
 
     @staticmethod
-    def from_hf(path, max_positions=77):
-        """max_positions beyond the checkpoint's extends the learned position table: old rows kept, new rows
-        drawn from N(mean, std) of the old table (as the paper's code does for 512-token answers)."""
+    def from_hf(path, max_positions=None):
+        """max_positions beyond the checkpoint's (None keeps it: 77 for CLIP) extends the learned position table:
+        old rows kept, new rows drawn from N(mean, std) of the old table (the paper's code, for long answers)."""
         config = _read_config(path)
         tc = config.get("text_config", config)
         prefix = "text_model." if "text_config" in config else ""
@@ -223,6 +223,9 @@ class CLIPText(nn.Module):
                 hf[k] = prefix + _clip_key(k).replace("token_embedding", "embeddings.token_embedding") \
                     .replace("position_embedding", "embeddings.position_embedding.weight")
         _load_strict(text, path, hf)
+        max_positions = max_positions or cfg.max_positions
+        if max_positions < cfg.max_positions:
+            raise ValueError(f"{path}: max_positions={max_positions} is below the checkpoint's {cfg.max_positions}")
         if max_positions > cfg.max_positions:
             text.extend_positions(max_positions)
         return text
@@ -466,8 +469,8 @@ class FusedModel(nn.Module):
         the outputs at output_mask in row-major order (sample by sample, left to right)."""
         K, V, D = vision_tokens.shape
         B, Lq = fused_ids.shape
-        text = torch.where(query_mask[..., None], self.queries[torch.where(query_mask, fused_ids, 0)],
-                           self.embed_tokens(torch.where(query_mask, 0, fused_ids)))
+        text = self.embed_tokens(torch.where(query_mask, 0, fused_ids))
+        text = text.masked_scatter(query_mask[..., None], self.queries[fused_ids[query_mask]].to(text.dtype))
         # Sample b's sequence is [its crops' tokens][its Lq fused tokens], right-padded to a common length.
         # Real tokens start at 0 and are contiguous, so causal attention alone never sees the padding.
         crops = torch.bincount(crop_to_sample, minlength=B)  # (B,)
@@ -576,7 +579,7 @@ def _read_config(path):
         return json.load(f)
 
 
-def _weight_files(path):
+def weight_files(path):
     """{key: safetensors file} of a folder, single-file or sharded with model.safetensors.index.json."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -601,7 +604,7 @@ def _build(cls, cfg):
 
 def _load_strict(module, path, hf_names, dtype=None):
     """Fill every tensor of `module` from the HF folder; hf_names maps our key -> the checkpoint's key."""
-    files = _weight_files(path)
+    files = weight_files(path)
     missing = [hf for hf in hf_names.values() if hf not in files]
     if missing:
         raise KeyError(f"{path}: checkpoint lacks {len(missing)} expected keys, e.g. {missing[:5]}")
