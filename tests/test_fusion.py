@@ -231,7 +231,7 @@ def test_portrait_tiles_are_the_transposed_landscape_tiles(draw_image):
 
 
 def test_no_tile_is_only_padding(draw_image):
-    for width, height in [(w, h) for w in (1, 2, 3, 7, 29, 50, 97) for h in (1, 4, 13, 31, 60, 200)]:
+    for width, height in [(w, h) for w in (1, 3, 29, 97) for h in (1, 13, 31, 60, 200)]:
         tiles = image_crops(draw_image(width, height, RED), S, 16)[1:]
         green = tiles[:, 1]  # red image: green channel at its minimum on image pixels, higher on white padding
         assert (green.flatten(1).min(1).values < normalised(WHITE)[1, 0, 0] - 1).all(), (width, height)
