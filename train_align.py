@@ -14,7 +14,10 @@ answer, with entries outside mean +- text_outlier_sigma * std of the micro-batch
 code does this); both L2-normalised. F (N_out, D): every fused output of the micro-batch, L2-normalised.
 
 Negatives are the other turns of the same micro-batch (gather_negatives=True: of the micro-batches that all ranks
-run at the same micro-step, gathered open_clip style; the eye term and the outlier statistics stay per rank).
+run at the same micro-step; the eye term and the outlier statistics stay per rank). When gathering, every rank
+computes the same global contrastive loss; the gather's backward sends each row's gradient from all world_size
+copies back to its owner, and DDP's mean over ranks divides by world_size again, so the step's gradient is exactly
+that of the global loss, logit scale included (open_clip's gather_with_grad).
 So gradient accumulation is not a bigger contrastive batch: a step averages the losses of grad_accum x world_size
 micro-batches of batch_size conversations each, and batch_size (x world_size when gathering) sets how many
 negatives a turn sees. Micro-batch j of a step goes to rank j % world_size, so one process with grad_accum=2A
@@ -34,6 +37,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
@@ -246,18 +250,13 @@ def save(step):
 
 
 def gather_rows(x):
-    """(n_r, P) on every rank, n_r may differ -> (sum n_r, P) in rank order. This rank's rows are x itself, so the
-    gradient reaches them; the other ranks' rows are constants here (each rank back-propagates its own)."""
+    """(n_r, P) on every rank, n_r may differ -> (sum n_r, P) in rank order. Differentiable: the backward sums the
+    gradients that every rank's copy of the loss sends to a row back into the rank that owns it."""
     sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size)]
     dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
     sizes = [int(s) for s in sizes]
-    padded = x.new_zeros(max(sizes), x.shape[1])
-    padded[:len(x)] = x.detach()
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded)
-    parts = [part[:n] for part, n in zip(parts, sizes)]
-    parts[rank] = x
-    return torch.cat(parts)
+    parts = dist_nn.all_gather(F.pad(x, (0, 0, 0, max(sizes) - len(x))))
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
 def align_loss(questions, answers, fused, logit_scale):
@@ -299,9 +298,6 @@ def align_flops(batch):
 # -----------------------------------------------------------------------------
 # training loop
 peak = peak_flops(device)
-# with gathered negatives every rank computes the whole contrastive loss but back-propagates only through its own
-# rows; DDP's mean over ranks would then give 1/world_size of the gradient, hence the factor
-contrastive_scale = world_size if cfg.gather_negatives else 1
 batches = step_batches(start_step)
 t_start = t_log = time.time()
 steps_since_log = steps_run = 0
@@ -320,7 +316,7 @@ for step in range(start_step, cfg.max_iters):
             with autocast:
                 questions, answers, fused = model(batch)
             contrastive, eye = align_loss(questions, answers, fused, raw_model.logit_scale)
-            ((contrastive * contrastive_scale + cfg.eye_weight * eye) / cfg.grad_accum).backward()
+            ((contrastive + cfg.eye_weight * eye) / cfg.grad_accum).backward()
         loss_sum += (contrastive + cfg.eye_weight * eye).detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     optimizer.step()

@@ -1,0 +1,205 @@
+"""Tests of train_align.py and train_gen.py on a tiny synthetic world (data/synthetic/prepare.py, written once here).
+
+The scripts run in this process with runpy (their globals come back for inspection) or, for DDP and the kill test,
+as subprocesses. References are independent of the code under test: a loss worked out by hand, the LLM weights
+read back from their own folder, an uninterrupted run against an interrupted one, one process against two.
+"""
+import importlib.util
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model import Llama, load_checkpoint  # noqa: E402
+
+STEPS = 8
+# 16 conversations, global batch 4: 4 steps per epoch, so STEPS crosses an epoch boundary (and so does a resume at 3)
+TINY = ["--num_crops=0", "--batch_size=2", "--grad_accum=2", f"--max_iters={STEPS}", "--log_interval=1",
+        "--ckpt_interval=100", "--lr=3e-3", "--warmup_ratio=0.25"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On a shared 2-core machine, intra-op threads that wait on each other make tiny steps 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("synthetic_prepare", ROOT / "data" / "synthetic" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    out = tmp_path_factory.mktemp("synthetic")
+    prepare.main(prepare.Config(out_dir=str(out), n_train=16, n_val=2, n_bench=4, llama_vocab_size=400, clip_merges=300))
+    return out
+
+
+def argv(data_dir, out_dir, *extra):
+    return [str(ROOT / "config" / "tiny.py"), f"--data_dir={data_dir}", f"--clip_path={data_dir}/clip",
+            f"--llama_path={data_dir}/llama", f"--out_dir={out_dir}", *TINY, *extra]
+
+
+def run(script, monkeypatch, args):
+    monkeypatch.setattr(sys, "argv", [script] + args)
+    monkeypatch.chdir(ROOT)
+    return runpy.run_path(str(ROOT / script), run_name="__main__")
+
+
+def metrics(out_dir):
+    with open(Path(out_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def align_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("align")
+    with pytest.MonkeyPatch.context() as mp:
+        script_globals = run("train_align.py", mp, argv(data_dir, out))
+    return script_globals, out
+
+
+@pytest.fixture(scope="module")
+def gen_run(data_dir, align_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen")
+    with pytest.MonkeyPatch.context() as mp:
+        script_globals = run("train_gen.py", mp, argv(data_dir, out, f"--init_from={align_run[1]}/ckpt.safetensors"))
+    return script_globals, out
+
+
+def test_align_loss_falls(align_run):
+    losses = [m["loss"] for m in metrics(align_run[1])]
+    assert len(losses) == STEPS
+    print("align loss", " ".join(f"{x:.3f}" for x in losses))
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.1
+
+
+def test_align_loss_by_hand(align_run):
+    align_loss = align_run[0]["align_loss"]  # the run's config: text_outlier_sigma 1, no gathering
+    questions = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    answers = torch.tensor([[2.0, 0.1, 0.3], [0.2, 2.1, 9.0]])  # 9.0 is the outlier; with it zeroed the rows are
+    fused = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])    # nearly the questions
+    scale = torch.tensor(np.log(2.0))
+    contrastive, eye = align_loss(questions, answers, fused, scale)
+
+    a = answers.numpy().astype(np.float64)
+    a = np.where(np.abs(a - a.mean()) <= a.std(ddof=1), a, 0.0)
+    assert a[1, 2] == 0 and np.count_nonzero(a) == 5  # only the planted outlier goes
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    logits = 2.0 * questions.numpy() @ a.T
+    def ce(x):
+        return np.mean([np.log(np.exp(row).sum()) - row[i] for i, row in enumerate(x)])
+    assert contrastive.item() == pytest.approx((ce(logits) + ce(logits.T)) / 2, rel=1e-5)
+    # normalised fused rows (1,0,0) and (1,1,0)/sqrt(2): Gram off-diagonals 1/sqrt(2), so the MSE is 2 * 0.5 / 4
+    assert eye.item() == pytest.approx(0.25, rel=1e-5)
+
+
+def test_gen_loss_falls_llm_frozen_and_not_saved(gen_run, align_run, data_dir):
+    script_globals, out = gen_run
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == STEPS
+    print("gen loss", " ".join(f"{x:.3f}" for x in losses))
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05
+
+    model = script_globals["raw_model"]
+    reference = Llama.from_hf(str(data_dir / "llama"))
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.llm.state_dict()[name], tensor), name
+    optimized = {id(p) for group in script_globals["optimizer"].param_groups for p in group["params"]}
+    assert not any(id(p) in optimized for p in model.llm.parameters())
+
+    tensors, meta = load_checkpoint(str(out / "ckpt.safetensors"))
+    assert not [k for k in tensors if k.startswith(("model.llm.", "optim.llm."))]
+    assert meta["step"] == STEPS and meta["stage"] == "gen"
+    stage1, _ = load_checkpoint(str(align_run[1] / "ckpt.safetensors"), prefix="model.")
+    trained = model.fused.layers[0].self_attn.q_proj.weight.detach()
+    assert not torch.equal(stage1["model.fused.layers.0.self_attn.q_proj.weight"], trained)  # training did move it
+    assert torch.equal(tensors["model.fused.layers.0.self_attn.q_proj.weight"], trained)
+
+
+def test_gen_resume_equals_uninterrupted(gen_run, align_run, data_dir, tmp_path, monkeypatch):
+    init = f"--init_from={align_run[1]}/ckpt.safetensors"
+    run("train_gen.py", monkeypatch, argv(data_dir, tmp_path, init, "--stop_at_step=3"))
+    assert load_checkpoint(str(tmp_path / "ckpt.safetensors"))[1]["step"] == 3
+    run("train_gen.py", monkeypatch, argv(data_dir, tmp_path, init, "--resume=True"))
+    resumed, uninterrupted = metrics(tmp_path), metrics(gen_run[1])
+    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(resumed, uninterrupted):
+        assert (a["loss"], a["lr"], a["grad_norm"]) == (b["loss"], b["lr"], b["grad_norm"]), a["step"]
+
+
+def test_resume_refuses_a_different_model(gen_run, data_dir, monkeypatch, tmp_path):
+    (tmp_path / "ckpt.safetensors").symlink_to(gen_run[1] / "ckpt.safetensors")
+    with pytest.raises(SystemExit, match="model config differs.*fused_layers"):
+        run("train_gen.py", monkeypatch, argv(data_dir, tmp_path, "--resume=True", "--fused_layers=3"))
+
+
+def test_missing_weights_say_what_to_download(data_dir, monkeypatch, tmp_path):
+    with pytest.raises(SystemExit, match="llama_path=.*does not exist: download the Llama-2 folder"):
+        run("train_gen.py", monkeypatch, argv(data_dir, tmp_path, f"--llama_path={tmp_path}/nowhere"))
+
+
+def torchrun(script, args, nproc=2):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                             script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_two_processes_equal_one_with_twice_the_accumulation(gen_run, align_run, data_dir, tmp_path):
+    torchrun("train_gen.py", argv(data_dir, tmp_path, f"--init_from={align_run[1]}/ckpt.safetensors", "--grad_accum=1"))
+    two, one = metrics(tmp_path), metrics(gen_run[1])
+    print("max |loss difference|", max(abs(a["loss"] - b["loss"]) for a, b in zip(two, one)))
+    assert [m["step"] for m in two] == list(range(1, STEPS + 1))
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+
+
+def test_gathered_negatives_on_two_ranks_equal_one_big_batch(data_dir, tmp_path, monkeypatch):
+    # gathering makes a rank's micro-batch see the other rank's as negatives: 2 ranks x batch 2 = 1 rank x batch 4.
+    # The eye term and the outlier statistics stay per rank by design, so they are off here.
+    same = ["--eye_weight=0.0", "--text_outlier_sigma=0.0", "--max_iters=3"]
+    torchrun("train_align.py", argv(data_dir, tmp_path / "two", *same, "--gather_negatives=True"))
+    run("train_align.py", monkeypatch, argv(data_dir, tmp_path / "one", *same, "--batch_size=4"))
+    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    assert len(two) == len(one) == 3
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+
+
+def test_killed_while_saving_leaves_the_last_checkpoint(align_run, data_dir, tmp_path, monkeypatch):
+    """SIGKILL as soon as a checkpoint write is seen in progress (the .tmp file exists), after one has been saved."""
+    args = argv(data_dir, tmp_path, f"--init_from={align_run[1]}/ckpt.safetensors", "--ckpt_interval=1",
+                "--max_iters=200", "--log_interval=100")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "train_gen.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    ckpt, tmp = tmp_path / "ckpt.safetensors", tmp_path / "ckpt.safetensors.tmp"
+    deadline = time.time() + 120
+    while not (ckpt.exists() and tmp.exists()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.0005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    print("partial .tmp left behind:", tmp.exists())
+
+    _, meta = load_checkpoint(str(ckpt))
+    step = meta["step"]
+    assert step >= 1
+    run("train_gen.py", monkeypatch, args + ["--resume=True", f"--stop_at_step={step + 1}"])
+    assert load_checkpoint(str(ckpt))[1]["step"] == step + 1
+    assert not tmp.exists()
