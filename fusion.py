@@ -45,6 +45,7 @@ import collections
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -264,6 +265,52 @@ def parse_record(line):
         if not answer.strip():
             raise BadSample("empty answer", f"turn {t}")
     return image, turns
+
+
+
+# Writing our JSONL: the rules of SPEC section 5 that every data/<name>/prepare.py converter applies.
+
+IMAGE_TAG = re.compile(r"\s*(?:<image>|<\|image\|>)\s*")
+
+
+def remove_image_tags(text):
+    # a tag on its own line leaves one line break, a tag inside a line one space; then the ends are trimmed
+    return IMAGE_TAG.sub(lambda m: "\n" if "\n" in m.group(0) else " ", text).strip()
+
+
+def clean_conversation(roles, texts, counts):
+    """A downloaded conversation (roles mapped to "user"/"assistant", None where unknown) -> our messages, or
+    None after counting why it was dropped. It must alternate from the user and end with an answer; a QA turn
+    that is empty once its image tags are removed is removed and counted."""
+    if None in roles:
+        counts["dropped: unknown role"] += 1
+        return None
+    if not roles or roles != ["user", "assistant"] * (len(roles) // 2):
+        counts["dropped: not alternating user/assistant from the user, ending with an answer"] += 1
+        return None
+    messages = []
+    for question, answer in zip(texts[0::2], texts[1::2]):
+        question, answer = remove_image_tags(question), remove_image_tags(answer)
+        if not question or not answer:
+            counts["turns removed: empty question or answer"] += 1
+            continue
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    if not messages:
+        counts["dropped: no non-empty turn"] += 1
+        return None
+    return messages
+
+
+def write_jsonl(records, out):
+    """Writes an iterable of records as JSONL to a temp file renamed over `out`; returns how many."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    n = 0
+    with open(out + ".tmp", "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(out + ".tmp", out)
+    return n
 
 
 def load_image(path):

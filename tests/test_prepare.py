@@ -122,8 +122,8 @@ def test_svit_converter(tmp_path):
     assert "6 dialogues -> kept 3 chunks" in printed
     for line in ("chunks dropped: first message shorter than 4 characters: 1",
                  "dialogues dropped: image_id not in image_data.json: 1",
-                 "dialogues dropped: not alternating user/assistant from the user, ending with an answer: 1",
-                 "dialogues dropped: no non-empty turn: 1", "turns removed: empty question or answer: 1"):
+                 "dropped: not alternating user/assistant from the user, ending with an answer: 1",
+                 "dropped: no non-empty turn: 1", "turns removed: empty question or answer: 1"):
         assert f"  {line}\n" in printed, printed
 
 

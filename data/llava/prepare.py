@@ -15,9 +15,12 @@ stay as written. Every drop is counted by reason and printed.
 import collections
 import json
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
+from configurator import parse_config  # noqa: E402
+from fusion import clean_conversation, write_jsonl  # noqa: E402
 
 
 @dataclass
@@ -28,12 +31,6 @@ class Config:
 
 
 ROLES = {"human": "user", "gpt": "assistant"}
-IMAGE_TAG = re.compile(r"\s*<image>\s*")
-
-
-def remove_image_tags(text):
-    # a tag on its own line leaves one line break, a tag inside a line one space; then the ends are trimmed
-    return IMAGE_TAG.sub(lambda m: "\n" if "\n" in m.group(0) else " ", text).strip()
 
 
 def convert(record, image_prefix, counts):
@@ -45,51 +42,31 @@ def convert(record, image_prefix, counts):
     if any("Reference OCR token" in turn["value"] for turn in turns):
         counts["dropped: Reference OCR token"] += 1
         return None
-    if any(turn["from"] not in ROLES for turn in turns):
-        counts["dropped: unknown role"] += 1
-        return None
-    roles = [ROLES[turn["from"]] for turn in turns]
-    if not roles or roles != ["user", "assistant"] * (len(roles) // 2):
-        counts["dropped: not alternating user/assistant from the user, ending with an answer"] += 1
-        return None
-    messages = []
-    for question, answer in zip(turns[0::2], turns[1::2]):
-        question, answer = remove_image_tags(question["value"]), remove_image_tags(answer["value"])
-        if not question or not answer:
-            counts["turns removed: empty question or answer"] += 1
-            continue
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    if not messages:
-        counts["dropped: no non-empty turn"] += 1
-        return None
-    return {"image": image_prefix + record["image"], "messages": messages}
+    messages = clean_conversation([ROLES.get(t["from"]) for t in turns], [t["value"] for t in turns], counts)
+    return messages and {"image": image_prefix + record["image"], "messages": messages}
 
 
 def main(cfg):
     with open(cfg.input, encoding="utf-8") as f:
         records = json.load(f)
     counts = collections.Counter()
-    kept = 0
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    with open(cfg.out + ".tmp", "w", encoding="utf-8") as f:
+
+    def converted():
         for i, record in enumerate(records):
             try:
-                converted = convert(record, cfg.image_prefix, counts)
+                out = convert(record, cfg.image_prefix, counts)
             except (KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"{cfg.input}: record {i} is malformed ({e!r})") from None
-            if converted is not None:
-                f.write(json.dumps(converted, ensure_ascii=False) + "\n")
-                kept += 1
-    os.replace(cfg.out + ".tmp", cfg.out)
+            if out:
+                yield out
+
+    kept = write_jsonl(converted(), cfg.out)
     print(f"llava: kept {kept} of {len(records)} records -> {cfg.out}")
     for reason, n in sorted(counts.items()):
         print(f"  {reason}: {n}")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from configurator import parse_config
-
     config, positional = parse_config(Config(), sys.argv[1:])
     if positional or not config.input or not config.out:
         sys.exit("usage: python data/llava/prepare.py --input=llava_v1_5_mix665k.json --out=FILE.jsonl")

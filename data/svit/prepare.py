@@ -18,9 +18,12 @@ first user message is shorter than 4 characters is dropped. Bounding boxes stay 
 import collections
 import json
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
+from configurator import parse_config  # noqa: E402
+from fusion import clean_conversation, write_jsonl  # noqa: E402
 
 
 @dataclass
@@ -33,12 +36,7 @@ class Config:
 
 
 ROLES = {"user": "user", "gpt": "assistant"}
-IMAGE_TAG = re.compile(r"\s*<image>\s*")
 MIN_FIRST_MESSAGE_CHARS = 4
-
-
-def remove_image_tags(text):
-    return IMAGE_TAG.sub(lambda m: "\n" if "\n" in m.group(0) else " ", text).strip()
 
 
 def image_paths(vg_image_data):
@@ -54,28 +52,6 @@ def image_paths(vg_image_data):
     return paths
 
 
-def clean_dialogue(turns, counts):
-    """SVIT turns -> alternating messages, or None after counting why the dialogue was dropped."""
-    if any(turn["from"] not in ROLES for turn in turns):
-        counts["dialogues dropped: unknown role"] += 1
-        return None
-    roles = [ROLES[turn["from"]] for turn in turns]
-    if not roles or roles != ["user", "assistant"] * (len(roles) // 2):
-        counts["dialogues dropped: not alternating user/assistant from the user, ending with an answer"] += 1
-        return None
-    messages = []
-    for question, answer in zip(turns[0::2], turns[1::2]):
-        question, answer = remove_image_tags(question["value"]), remove_image_tags(answer["value"])
-        if not question or not answer:
-            counts["turns removed: empty question or answer"] += 1
-            continue
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    if not messages:
-        counts["dialogues dropped: no non-empty turn"] += 1
-        return None
-    return messages
-
-
 def split_rounds(messages, max_rounds):
     """Consecutive chunks of at most max_rounds QA rounds, sizes differing by at most one round."""
     rounds = len(messages) // 2
@@ -89,9 +65,10 @@ def main(cfg):
     with open(cfg.input, encoding="utf-8") as f:
         records = json.load(f)
     counts = collections.Counter()
-    n_dialogues = kept = 0
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    with open(cfg.out + ".tmp", "w", encoding="utf-8") as f:
+    n_dialogues = 0
+
+    def chunks():
+        nonlocal n_dialogues
         for i, record in enumerate(records):
             try:
                 image = paths.get(int(record["image_id"]))
@@ -100,7 +77,8 @@ def main(cfg):
                 if image is None:
                     counts["dialogues dropped: image_id not in image_data.json"] += len(dialogues)
                     continue
-                cleaned = [clean_dialogue(turns, counts) for turns in dialogues]
+                cleaned = [clean_conversation([ROLES.get(t["from"]) for t in turns], [t["value"] for t in turns], counts)
+                           for turns in dialogues]
             except (KeyError, TypeError, AttributeError, ValueError) as e:
                 raise ValueError(f"{cfg.input}: record {i} is malformed ({e!r})") from None
             for messages in filter(None, cleaned):
@@ -108,10 +86,9 @@ def main(cfg):
                     if len(chunk[0]["content"]) < MIN_FIRST_MESSAGE_CHARS:
                         counts[f"chunks dropped: first message shorter than {MIN_FIRST_MESSAGE_CHARS} characters"] += 1
                         continue
-                    f.write(json.dumps({"image": cfg.image_prefix + image, "messages": chunk}, ensure_ascii=False))
-                    f.write("\n")
-                    kept += 1
-    os.replace(cfg.out + ".tmp", cfg.out)
+                    yield {"image": cfg.image_prefix + image, "messages": chunk}
+
+    kept = write_jsonl(chunks(), cfg.out)
     print(f"svit: {len(records)} records, {n_dialogues} dialogues -> kept {kept} chunks of at most "
           f"{cfg.max_rounds} rounds -> {cfg.out}")
     for reason, n in sorted(counts.items()):
@@ -119,9 +96,6 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from configurator import parse_config
-
     config, positional = parse_config(Config(), sys.argv[1:])
     if positional or not config.input or not config.vg_image_data or not config.out:
         sys.exit("usage: python data/svit/prepare.py --input=SUBSET.json --vg_image_data=image_data.json "
