@@ -121,15 +121,22 @@ torch.backends.cudnn.allow_tf32 = True
 autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and cfg.dtype == "bfloat16" else nullcontext()
 log(json.dumps(asdict(cfg), indent=1))
 log(f"device {device}, world size {world_size}")
+
+train_path = os.path.join(cfg.data_dir, cfg.train_file)  # train_file may also be absolute
+for key, path, remedy in [
+        ("clip_path", cfg.clip_path, "download a CLIP checkpoint folder (config.json, model.safetensors, vocab.json, merges.txt), "
+                                     "e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K from the Hugging Face hub, and put it there"),
+        ("llama_path", cfg.llama_path, "download the Llama-2 folder with tokenizer.model, e.g. meta-llama/Llama-2-7b-chat-hf, and put it there"),
+        ("train_file", train_path, "download the data set and write our JSONL there with data/<name>/prepare.py")]:
+    if not os.path.exists(path):
+        sys.exit(f"{key}: {path!r} does not exist: {remedy} (or pass --{key}=...)")
+ckpt_path = os.path.join(cfg.out_dir, "ckpt.safetensors")
+if not cfg.resume and os.path.exists(ckpt_path):
+    sys.exit(f"{ckpt_path} exists: pass --resume=True to continue it, or choose another out_dir")
 if master:
     os.makedirs(cfg.out_dir, exist_ok=True)
-
-for key, what in [("clip_path", "a CLIP checkpoint folder (config.json, model.safetensors, vocab.json, merges.txt), "
-                                "e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K from the Hugging Face hub"),
-                  ("llama_path", "the Llama-2 folder with tokenizer.model, e.g. meta-llama/Llama-2-7b-chat-hf"),
-                  ("data_dir", f"the folder with {cfg.train_file} and its images, written by data/<name>/prepare.py")]:
-    if not os.path.exists(getattr(cfg, key)):
-        sys.exit(f"{key}={getattr(cfg, key)!r} does not exist: download {what} and put it there (or pass --{key}=...)")
+    if not cfg.resume:
+        open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()  # a fresh run, a fresh log
 
 # -----------------------------------------------------------------------------
 # data: a seeded permutation per epoch, cut into steps of global_batch conversations. Within a step, micro-batch j
@@ -137,7 +144,7 @@ for key, what in [("clip_path", "a CLIP checkpoint folder (config.json, model.sa
 token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cfg.llama_path, image_size=cfg.image_size,
                                           num_crops=cfg.num_crops, n_l=cfg.n_l, n_s=cfg.n_s, max_seq_len=cfg.max_seq_len,
                                           max_answer_tokens=cfg.text_max_positions))
-dataset = ConversationDataset(os.path.join(cfg.data_dir, cfg.train_file), cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
+dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
 log(dataset.summary())
 global_batch = cfg.batch_size * cfg.grad_accum * world_size
 steps_per_epoch = len(dataset) // global_batch
@@ -186,7 +193,6 @@ model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else Non
 log(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M trainable parameters")
 
 optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
-ckpt_path = os.path.join(cfg.out_dir, "ckpt.safetensors")
 start_step = 0
 if cfg.resume:
     tensors, meta = load_checkpoint(ckpt_path)

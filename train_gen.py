@@ -1,7 +1,7 @@
 """
 Stages 2 and 3: next-token loss on the answers through the frozen LLM.
 
-    python train_gen.py config/tiny.py --init_from=out/tiny/ckpt.safetensors       # CPU, seconds
+    python train_gen.py config/tiny.py --init_from=out/align/ckpt.safetensors      # CPU, seconds
     torchrun --standalone --nproc_per_node=8 train_gen.py config/paper_gen.py       # stage 2, from stage 1
     torchrun --standalone --nproc_per_node=8 train_gen.py config/paper_finetune.py --n_l=64 --out_dir=out/ft-64
 
@@ -120,18 +120,25 @@ bf16 = device.type == "cuda" and cfg.dtype == "bfloat16"
 autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
 log(json.dumps(asdict(cfg), indent=1))
 log(f"device {device}, world size {world_size}")
+
+train_path = os.path.join(cfg.data_dir, cfg.train_file)  # train_file may also be absolute
+for key, path, remedy in [
+        ("clip_path", cfg.clip_path, "download a CLIP checkpoint folder (config.json, model.safetensors, vocab.json, merges.txt), "
+                                     "e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K from the Hugging Face hub, and put it there"),
+        ("llama_path", cfg.llama_path, "download the Llama-2 folder (config.json, *.safetensors, tokenizer.model), "
+                                       "e.g. meta-llama/Llama-2-7b-chat-hf, and put it there"),
+        ("train_file", train_path, "download the data set and write our JSONL there with data/<name>/prepare.py"),
+        *([("init_from", cfg.init_from, "train the previous stage first: this is the ckpt.safetensors in its out_dir")]
+          if cfg.init_from and not cfg.resume else [])]:
+    if not os.path.exists(path):
+        sys.exit(f"{key}: {path!r} does not exist: {remedy} (or pass --{key}=...)")
+ckpt_path = os.path.join(cfg.out_dir, "ckpt.safetensors")
+if not cfg.resume and os.path.exists(ckpt_path):
+    sys.exit(f"{ckpt_path} exists: pass --resume=True to continue it, or choose another out_dir")
 if master:
     os.makedirs(cfg.out_dir, exist_ok=True)
-
-for key, what in [("clip_path", "a CLIP checkpoint folder (config.json, model.safetensors, vocab.json, merges.txt), "
-                                "e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K from the Hugging Face hub"),
-                  ("llama_path", "the Llama-2 folder (config.json, *.safetensors, tokenizer.model), "
-                                 "e.g. meta-llama/Llama-2-7b-chat-hf"),
-                  ("data_dir", f"the folder with {cfg.train_file} and its images, written by data/<name>/prepare.py"),
-                  *([("init_from", "the checkpoint of the previous stage (train_align.py or train_gen.py writes it)")]
-                    if cfg.init_from and not cfg.resume else [])]:
-    if not os.path.exists(getattr(cfg, key)):
-        sys.exit(f"{key}={getattr(cfg, key)!r} does not exist: download {what} and put it there (or pass --{key}=...)")
+    if not cfg.resume:
+        open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()  # a fresh run, a fresh log
 
 # -----------------------------------------------------------------------------
 # data: a seeded permutation per epoch, cut into steps of global_batch conversations. Within a step, micro-batch j
@@ -139,7 +146,6 @@ for key, what in [("clip_path", "a CLIP checkpoint folder (config.json, model.sa
 token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cfg.llama_path, image_size=cfg.image_size,
                                           num_crops=cfg.num_crops, n_l=cfg.n_l, n_s=cfg.n_s,
                                           drop_question=cfg.drop_question, max_seq_len=cfg.max_seq_len))
-train_path = os.path.join(cfg.data_dir, cfg.train_file)
 dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
 log(dataset.summary())
 if cfg.data_fraction < 1:
@@ -224,7 +230,6 @@ log(f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, "
     f"{sum(p.numel() for p in raw_model.llm.parameters()) / 1e6:.2f}M frozen in the LLM")
 
 optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
-ckpt_path = os.path.join(cfg.out_dir, "ckpt.safetensors")
 start_step = 0
 if cfg.resume:
     tensors, meta = load_checkpoint(ckpt_path)

@@ -1,13 +1,12 @@
 # The whole pipeline on CPU in seconds, on the synthetic world and its tiny random CLIP and Llama:
 #   python data/synthetic/prepare.py --out_dir=data/synthetic/out
 #   python train_align.py config/tiny.py
-#   python train_gen.py config/tiny.py --init_from=out/tiny-align/ckpt.safetensors
+#   python train_gen.py config/tiny.py --init_from=out/align/ckpt.safetensors
 # Every key here is valid for both train scripts; the script-specific ones keep their defaults or come as --key=value.
 _data = "data/synthetic/out"
 data_dir = _data
 clip_path = _data + "/clip"
 llama_path = _data + "/llama"
-out_dir = "out/tiny"
 num_workers = 0
 log_interval = 5
 ckpt_interval = 50

@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from model import Llama, load_checkpoint
 
-from model import Llama, load_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 STEPS = 8
 # 16 conversations, global batch 4: 4 steps per epoch, so STEPS crosses an epoch boundary (and so does a resume at 3)
@@ -147,8 +146,31 @@ def test_resume_refuses_a_different_model(gen_run, data_dir, monkeypatch, tmp_pa
         run("train_gen.py", monkeypatch, argv(data_dir, tmp_path, "--resume=True", "--fused_layers=3"))
 
 
+def test_activation_checkpointing_changes_no_number(gen_run, align_run, data_dir, tmp_path, monkeypatch):
+    run("train_gen.py", monkeypatch, argv(data_dir, tmp_path, f"--init_from={align_run[1]}/ckpt.safetensors",
+                                          "--activation_checkpointing=True", "--stop_at_step=3"))
+    for a, b in zip(metrics(tmp_path), metrics(gen_run[1])[:3], strict=True):
+        assert (a["loss"], a["grad_norm"]) == pytest.approx((b["loss"], b["grad_norm"]), rel=1e-6), a["step"]
+
+
+def test_a_fresh_run_does_not_overwrite_a_checkpoint(gen_run, data_dir, monkeypatch):
+    before = (gen_run[1] / "ckpt.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="exists: pass --resume=True"):
+        run("train_gen.py", monkeypatch, argv(data_dir, gen_run[1]))
+    assert (gen_run[1] / "ckpt.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("script,config", [("train_align.py", "tiny"), ("train_gen.py", "tiny"),
+                                           ("train_align.py", "paper_align"), ("train_gen.py", "paper_gen"),
+                                           ("train_gen.py", "paper_finetune")])
+def test_config_files_parse(script, config, monkeypatch, tmp_path):
+    # parse_config raises on any key the script does not have; the first thing after parsing is the path check
+    with pytest.raises(SystemExit, match="clip_path: .* does not exist: download a CLIP checkpoint folder"):
+        run(script, monkeypatch, [str(ROOT / "config" / f"{config}.py"), f"--clip_path={tmp_path}/none"])
+
+
 def test_missing_weights_say_what_to_download(data_dir, monkeypatch, tmp_path):
-    with pytest.raises(SystemExit, match="llama_path=.*does not exist: download the Llama-2 folder"):
+    with pytest.raises(SystemExit, match="llama_path: .*does not exist: download the Llama-2 folder"):
         run("train_gen.py", monkeypatch, argv(data_dir, tmp_path, f"--llama_path={tmp_path}/nowhere"))
 
 

@@ -1,0 +1,31 @@
+# Stage 1 as in the paper (SPEC section 5): 32 conversations per GPU x 8 GPUs = 256 per step, lr 2e-5, cosine
+# schedule with 10% warm-up, 1000 steps.
+#   torchrun --standalone --nproc_per_node=8 train_align.py config/paper_align.py
+# Fill in the local paths: nothing is downloaded at run time.
+out_dir = "out/paper-align"
+data_dir = "data/images"  # the image root: LLaVA's folders (coco/, gqa/, ocr_vqa/, textvqa/, vg/) and DocDownstream-1.0/
+train_file = "train.jsonl"  # in data_dir: the JSONLs of data/llava, data/svit and data/docdownstream prepare.py, concatenated
+clip_path = "weights/CLIP-ViT-H-14-laion2B-s32B-b79K"  # laion/CLIP-ViT-H-14-laion2B-s32B-b79K (safetensors)
+llama_path = "weights/Llama-2-7b-chat-hf"  # meta-llama/Llama-2-7b-chat-hf: here only its tokenizer.model
+num_workers = 8
+log_interval = 10
+ckpt_interval = 100
+batch_size = 32
+grad_accum = 1
+max_iters = 1000
+lr = 2e-5
+warmup_ratio = 0.1
+image_size = 336
+num_crops = 16
+n_l = 256
+n_s = 8
+max_seq_len = 4096
+fused_layers = 12
+fused_heads = 20
+fused_mlp = 5120
+text_max_positions = 512
+eye_weight = 1.0
+text_outlier_sigma = 1.0
+gather_negatives = False
+dtype = "bfloat16"
+activation_checkpointing = True  # 32 conversations of up to 17 crops through a trainable ViT-H do not fit otherwise
