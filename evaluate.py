@@ -1,14 +1,34 @@
 """
-Benchmarks of the paper (and the synthetic ones), scored the way VLMEvalKit scores them.
+Benchmarks of the paper (and the synthetic ones): run checkpoints over them and score the answers the way
+VLMEvalKit scores them.
 
-    python evaluate.py --score_only=True --benchmark=POPE --tsv=bench/POPE.tsv --predictions=preds.jsonl \
-        --out_dir=out-eval --variant=VQQ --n_l=64 --n_s=8
+    python evaluate.py --ckpt=out/ft-64 --benchmarks=MME,POPE,TextVQA_VAL --bench_dir=LMUData --out_dir=out-eval
+    python evaluate.py --ckpt=out/ft-1,out/ft-8,out/ft-16 --benchmarks=POPE ...  # a sweep into one results.csv
+    python evaluate.py --ckpt=out/ft-64 --drop_question=True ...                 # the VQ ablation
+    python evaluate.py --score_only=True --benchmarks=POPE --predictions=preds.jsonl --variant=VQQ --n_l=64 --n_s=8
+    python evaluate.py --bench=True --batch_size=8 [--ckpt=out/ft-64]            # prefill / decode tokens/s
 
 A benchmark is a VLMEvalKit TSV file (<bench_dir>/<NAME>.tsv: index, base64 image, question, answer, options...).
 Prompts, answer extraction and metrics follow VLMEvalKit at commit 0ff0c3e with no LLM judge: an answer the rules
 cannot read counts as wrong, and its share is reported as `unparsable_rate` (a judge could change at most those rows).
 Every score is in the paper's units. Scores are appended to <out_dir>/results.csv, one row per number.
 The rules, with the VLMEvalKit quirks kept on purpose, are in research/eval_rules.md.
+
+Running a checkpoint (a folder holding ckpt.safetensors, or the file; stage-2/3 "gen" checkpoints only): the frozen
+LLM comes from the checkpoint's llama_path, everything else from the checkpoint. The token space is the one the
+checkpoint was trained with (its meta "token_space") unless --n_l, --num_crops or --drop_question say otherwise.
+Decoding as the authors evaluated: greedy, at least one new token (EOS banned at the first step), stop at </s>,
+the new tokens decoded without special tokens and stripped; max_new_tokens per benchmark (BENCHMARKS below);
+left-padded batches with the KV cache. Every image goes through VLMEvalKit's JPEG (quality 75) round trip first.
+A row with several images (SEEDBench2) is shown its last image only, as the authors' wrapper did: the model reads
+one image per question. float32 on CPU, bfloat16 on GPU unless --dtype.
+
+Per checkpoint, <out_dir>/<variant>_nl<n_l>/ holds predictions_<benchmark>.jsonl ({"index", "prediction",
+"prompt"} per line, appended and flushed after every batch) and run.json (the settings they were made with).
+Rerunning the same command resumes: predicted rows are kept (an incomplete last line is cut off), only the rest is
+generated, and a benchmark that results.csv already holds for this variant, n_l, n_s and ckpt is not scored twice.
+The variant label defaults to the paper's names: VQQ (question fused), VQ (a VQQ checkpoint run with
+drop_question=True), VQ-ft (a checkpoint fine-tuned and run with drop_question=True).
 """
 import ast
 import base64
@@ -18,13 +38,18 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
+import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+import torch
 from PIL import Image
 
 from configurator import parse_config
+from fusion import TokenSpace, TokenSpaceConfig, collate
+from model import FusedVLM, FusedVLMConfig, Llama, load_checkpoint, load_trainable
 
 # -----------------------------------------------------------------------------
 # config
@@ -32,16 +57,32 @@ from configurator import parse_config
 
 @dataclass
 class Config:
-    benchmark: str = "POPE"     # a name from BENCHMARKS
+    ckpt: str = ""              # checkpoint folder(s) or file(s), comma-separated; score_only: only a label
+    benchmarks: str = "POPE"    # names from BENCHMARKS, comma-separated (score_only: one)
     bench_dir: str = "bench"    # where <benchmark>.tsv lives
-    tsv: str = ""               # the benchmark file itself; default <bench_dir>/<benchmark>.tsv
-    out_dir: str = "out-eval"   # results.csv is appended to here
-    variant: str = "model"      # variant, n_l, n_s, ckpt: the columns that say which model the scores are for
+    tsv: str = ""               # the file of a single benchmark; default <bench_dir>/<benchmark>.tsv
+    out_dir: str = "out-eval"   # results.csv, and one predictions folder per checkpoint
+    variant: str = ""           # the results label; default VQQ, VQ or VQ-ft (see above); score_only: "model"
+    # token space; 0, -1 or "" = as the checkpoint was trained (score_only: n_l and n_s are only labels)
     n_l: int = 0
-    n_s: int = 0
-    ckpt: str = ""
-    score_only: bool = False    # score an existing predictions file instead of running a model
-    predictions: str = ""       # score_only: JSONL, one {"index": ..., "prediction": "..."} per line
+    n_s: int = 0                # a label when running: every benchmark question is a first question (n_l)
+    num_crops: int = -1
+    drop_question: str = ""     # "True": the VQ ablation (the fused model does not see the question), or "False"
+    llama_path: str = ""        # "" = the checkpoint's (set it when the weights have moved)
+    clip_path: str = ""
+    # generation
+    batch_size: int = 8
+    jpeg_reencode: bool = True  # VLMEvalKit's JPEG q75 round trip of every image (needed to compare numbers)
+    device: str = ""            # "" = cuda when there is one, else cpu
+    dtype: str = ""             # float32 | bfloat16 | float16; "" = bfloat16 on GPU, float32 on CPU
+    # score an existing predictions file instead of running a model
+    score_only: bool = False
+    predictions: str = ""       # JSONL, one {"index": ..., "prediction": "..."} per line
+    # bench=True: prefill and decode speed of batched greedy generation on synthetic prompts (no benchmark files)
+    bench: bool = False
+    bench_question_len: int = 32  # question tokens, on the fused and the LLM side
+    bench_new_tokens: int = 32    # decode steps timed
+    bench_repeats: int = 5        # timed runs after one warm-up run; medians are printed
 
 
 # -----------------------------------------------------------------------------
@@ -717,9 +758,303 @@ def print_table(benchmark, scores, n_samples):
 
 
 # -----------------------------------------------------------------------------
-# model running: not written yet (issue 5, second half). Per benchmark: load_benchmark, batched greedy generation
-# over row.images() and row.prompt with BENCHMARKS[name].max_new_tokens, the predictions saved as JSONL in
-# read_predictions' format, then score() and append_results() exactly as the score_only path of main does.
+# running checkpoints
+
+VARIANTS = {(False, False): "VQQ", (False, True): "VQ", (True, True): "VQ-ft"}  # (drop_question trained, run)
+
+
+def device_and_dtype(cfg):
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return device, getattr(torch, dtype)
+
+
+def checkpoint_file(path):
+    """A checkpoint folder (holding ckpt.safetensors) or the file itself."""
+    return os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+
+
+def read_checkpoint(path):
+    """-> (trained weights {module name: tensor}, meta) of a stage-2/3 checkpoint."""
+    tensors, meta = load_checkpoint(path, prefix="model.")
+    if meta.get("stage") != "gen":
+        raise SystemExit(f"{path}: a stage {meta.get('stage')!r} checkpoint; evaluate.py runs stage-2/3 ('gen') "
+                         f"checkpoints of train_gen.py (a stage-1 'align' checkpoint has no bridge into the LLM)")
+    missing = [key for key in ("model_config", "clip_path", "llama_path", "token_space") if key not in meta]
+    if missing:
+        raise SystemExit(f"{path}: its meta lacks {missing}, which the checkpoint schema requires")
+    return {k[len("model."):]: v for k, v in tensors.items()}, meta
+
+
+def load_llm(llama_path, expected, device, dtype):
+    llm = Llama.from_hf(llama_path, dtype=dtype).requires_grad_(False)
+    if llm.cfg != expected:
+        raise SystemExit(f"llama_path={llama_path}: its config {llm.cfg} is not the LLM the checkpoint was trained "
+                         f"with ({expected})")
+    return llm.to(device)
+
+
+def build_vlm(model_cfg, weights, llm, path, device, dtype):
+    """The FusedVLM around an already loaded frozen LLM, with the trained weights; nothing is randomly initialised
+    (built on the meta device, then only the trained parts get memory)."""
+    with torch.device("meta"):
+        vlm = FusedVLM(model_cfg)
+    vlm.llm = llm
+    for part in (vlm.vision, vlm.fused, vlm.bridge):
+        part.to_empty(device="cpu")
+    load_trainable(vlm, weights, path)  # strict: every trained tensor present, with its shape, nothing extra
+    return vlm.to(device=device, dtype=dtype).eval()
+
+
+def run_settings(cfg, meta, model_cfg, path):
+    """-> (TokenSpaceConfig, variant): the checkpoint's token space with the command line's overrides."""
+    trained = meta["token_space"]
+    if cfg.drop_question not in ("", "True", "False"):
+        raise SystemExit(f"drop_question must be True, False or empty (as trained), got {cfg.drop_question!r}")
+    drop_question = trained["drop_question"] if cfg.drop_question == "" else cfg.drop_question == "True"
+    ts_cfg = TokenSpaceConfig(clip_path=cfg.clip_path or meta["clip_path"],
+                              llama_path=cfg.llama_path or meta["llama_path"], image_size=trained["image_size"],
+                              num_crops=trained["num_crops"] if cfg.num_crops < 0 else cfg.num_crops,
+                              n_l=cfg.n_l or trained["n_l"], n_s=cfg.n_s or trained["n_s"],
+                              drop_question=drop_question, max_seq_len=trained["max_seq_len"],
+                              system_prompt=trained["system_prompt"])
+    if ts_cfg.n_l - 1 > model_cfg.n_queries:
+        raise SystemExit(f"{path}: n_l={ts_cfg.n_l} needs {ts_cfg.n_l - 1} learned queries, the checkpoint has "
+                         f"{model_cfg.n_queries}")
+    variant = cfg.variant or VARIANTS.get((trained["drop_question"], drop_question))
+    if variant is None:
+        raise SystemExit(f"{path} was trained with drop_question=True and runs with the question: name this "
+                         f"combination with --variant")
+    return ts_cfg, variant
+
+
+def claim_run_dir(run_dir, settings):
+    """run.json records what the predictions in run_dir were made with; resuming them with other settings (another
+    checkpoint, token space, dtype...) would mix two models in one file, so it is refused."""
+    path = os.path.join(run_dir, "run.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        if before != settings:
+            changed = {k: (before.get(k), settings.get(k)) for k in settings.keys() | before.keys()
+                       if before.get(k) != settings.get(k)}
+            raise SystemExit(f"{path}: the predictions there were made with other settings (then, now): {changed}; "
+                             f"use another out_dir or --variant")
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=1)
+
+
+def resume_predictions(path, rows):
+    """{index: prediction} already in `path` from an interrupted run (empty when there is no file). An incomplete
+    last line (the process died mid-write) is cut off; every other line must be a valid prediction of this file."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        print(f"{path}: cutting off an incomplete last line ({len(data) - end} bytes) left by an interrupted run")
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    if not data[:end].strip():
+        return {}
+    predictions = read_predictions(path)
+    known = {row.index for row in rows}
+    unknown = [index for index in predictions if index not in known]
+    if unknown:
+        raise SystemExit(f"{path}: predictions for indices that {rows[0].source} does not have, e.g. {unknown[:5]}; "
+                         f"it was made from another file: remove it or use another out_dir")
+    return predictions
+
+
+def predict(vlm, token_space, name, rows, path, cfg, device, dtype, tag):
+    """Greedy answers for the rows not yet in `path`, appended to it batch by batch -> ({index: prediction} of all
+    rows, samples generated now)."""
+    predictions = resume_predictions(path, rows)
+    todo = [row for row in rows if row.index not in predictions]
+    several = sum(len(row.images_b64) > 1 for row in rows)
+    print(f"{tag} {name}: {len(rows)} rows, {len(predictions)} already in {path}, {len(todo)} to generate"
+          + (f"; {several} rows hold several images, each is shown its last one" if several else ""))
+    specials = {token_space.sp.unk_id(), token_space.sp.bos_id(), token_space.sp.eos_id()}
+    t_start, new_tokens = time.time(), 0
+    with open(path, "a", encoding="utf-8") as f:
+        for start in range(0, len(todo), cfg.batch_size):
+            t_batch = time.time()
+            chunk = todo[start:start + cfg.batch_size]
+            samples = [token_space.generation_sample(row.images(cfg.jpeg_reencode)[-1], row.prompt) for row in chunk]
+            batch = {k: v.to(device) for k, v in collate(samples, pad_side="left").items()}
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            answers = vlm.generate(batch, max_new_tokens=BENCHMARKS[name].max_new_tokens,
+                                   eos_token_id=token_space.eos, min_new_tokens=1)
+            for row, ids in zip(chunk, answers):
+                text = token_space.sp.decode([t for t in ids if t not in specials]).strip()
+                f.write(json.dumps({"index": row.index, "prediction": text, "prompt": row.prompt},
+                                   ensure_ascii=False) + "\n")
+                predictions[row.index] = text
+            f.flush()
+            dt, tokens = time.time() - t_batch, sum(len(ids) for ids in answers)
+            new_tokens += tokens
+            print(f"{tag} {name} {start + len(chunk)}/{len(todo)} | {len(chunk) / dt:.2f} samples/s | "
+                  f"{tokens / dt:.1f} new tok/s")
+    if todo:
+        dt = time.time() - t_start
+        print(f"{tag} {name}: {len(todo)} samples, {new_tokens} new tokens in {dt:.1f} s "
+              f"({len(todo) / dt:.2f} samples/s, {new_tokens / dt:.1f} new tok/s)")
+    return predictions, len(todo)
+
+
+def already_scored(results_path):
+    """(variant, benchmark, n_l, n_s, ckpt) of every block results.csv holds."""
+    if not os.path.exists(results_path) or os.path.getsize(results_path) == 0:
+        return set()
+    with open(results_path, newline="") as f:
+        return {(r["variant"], r["benchmark"], r["n_l"], r["n_s"], r["ckpt"]) for r in csv.DictReader(f)}
+
+
+def evaluate_checkpoints(cfg):
+    device, dtype = device_and_dtype(cfg)
+    names, ckpts = [n for n in cfg.benchmarks.split(",") if n], [c for c in cfg.ckpt.split(",") if c]
+    if not ckpts:
+        raise SystemExit("give --ckpt=DIR[,DIR2,...] (or --score_only=True / --bench=True)")
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown or not names:
+        raise SystemExit(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+    if cfg.tsv and len(names) > 1:
+        raise SystemExit("--tsv names the file of a single benchmark; with several use --bench_dir")
+    tsv_of = {n: cfg.tsv or os.path.join(cfg.bench_dir, n + ".tsv") for n in names}
+    missing = [p for p in list(tsv_of.values()) + [checkpoint_file(c) for c in ckpts] if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"not found: {missing} (benchmark TSVs go in --bench_dir as <NAME>.tsv; a checkpoint is a "
+                         f"folder with ckpt.safetensors or the file)")
+    results_path = os.path.join(cfg.out_dir, "results.csv")
+    scored = already_scored(results_path)
+    print(f"{len(ckpts)} checkpoint(s) x {len(names)} benchmark(s) on {device} in {dtype}; results -> {results_path}")
+    run_dirs, llm, llm_source, generated, t_start = {}, None, None, 0, time.time()
+    for ckpt in ckpts:
+        path = checkpoint_file(ckpt)
+        weights, meta = read_checkpoint(path)
+        model_cfg = FusedVLMConfig.from_dict(meta["model_config"])
+        ts_cfg, variant = run_settings(cfg, meta, model_cfg, path)
+        run_dir = os.path.join(cfg.out_dir, f"{variant}_nl{ts_cfg.n_l}")
+        if run_dir in run_dirs:
+            raise SystemExit(f"{ckpt} and {run_dirs[run_dir]} would both write {run_dir}: evaluate them in separate "
+                             f"calls with different --out_dir or --variant")
+        run_dirs[run_dir] = ckpt
+        claim_run_dir(run_dir, {"ckpt": os.path.abspath(path), "variant": variant, "n_l": ts_cfg.n_l,
+                                "n_s": ts_cfg.n_s, "num_crops": ts_cfg.num_crops, "image_size": ts_cfg.image_size,
+                                "drop_question": ts_cfg.drop_question, "jpeg_reencode": cfg.jpeg_reencode,
+                                "dtype": str(dtype).removeprefix("torch.")})
+        tag = f"[{variant} n_l={ts_cfg.n_l}]"
+        pending = [n for n in names if (variant, n, str(ts_cfg.n_l), str(ts_cfg.n_s), ckpt) not in scored]
+        if len(pending) < len(names):
+            print(f"{tag} {ckpt}: already in {results_path}: {[n for n in names if n not in pending]}; not redone")
+        if not pending:
+            continue
+        print(f"{tag} {ckpt}: token space {asdict(ts_cfg)}")
+        token_space = TokenSpace(ts_cfg)
+        if llm_source != (ts_cfg.llama_path, model_cfg.llm):  # a sweep shares one LLM: load it once
+            llm = None  # frees the previous one first
+            llm = load_llm(ts_cfg.llama_path, model_cfg.llm, device, dtype)
+            llm_source = (ts_cfg.llama_path, model_cfg.llm)
+        vlm = build_vlm(model_cfg, weights, llm, path, device, dtype)
+        del weights
+        for name in pending:
+            rows = load_benchmark(name, tsv_of[name])
+            predictions_path = os.path.join(run_dir, f"predictions_{name}.jsonl")
+            predictions, n_new = predict(vlm, token_space, name, rows, predictions_path, cfg, device, dtype, tag)
+            generated += n_new
+            scores = score(name, rows, predictions, source=predictions_path)
+            append_results(results_path, variant, name, ts_cfg.n_l, ts_cfg.n_s, scores, ckpt, len(rows))
+            print_table(f"{tag} {name}", scores, len(rows))
+        del vlm
+    print(f"done: {generated} samples generated in {time.time() - t_start:.1f} s; results in {results_path}")
+
+
+# -----------------------------------------------------------------------------
+# bench: how fast batched greedy generation is (timings are printed, never asserted)
+
+TEMPLATE_TOKENS = 44  # LLM tokens of <s> + the chat template's system piece before the slots (Llama-2's default)
+
+
+def synthetic_batch(model_cfg, batch_size, n_l, num_crops, question_len):
+    """A generation batch per the batch contract, random pixels and ids: every sample 1 + num_crops crops, a
+    question_len-token question and n_l outputs; on the LLM side [template][n_l slots][question][/INST]."""
+    B, q, S = batch_size, question_len, model_cfg.vit.image_size
+    g = torch.Generator().manual_seed(0)
+    false, true = torch.zeros(B, 1, dtype=torch.bool), torch.ones(B, 1, dtype=torch.bool)
+    fused_ids = torch.cat([torch.randint(model_cfg.fused_vocab_size - 1, (B, q), generator=g),
+                           torch.arange(n_l - 1).expand(B, -1),
+                           torch.full((B, 1), model_cfg.fused_vocab_size - 1)], dim=1)  # EOS: CLIP's last id
+    query_mask = torch.cat([false.expand(B, q), true.expand(B, n_l - 1), false], dim=1)
+    output_mask = torch.cat([false.expand(B, q), true.expand(B, n_l)], dim=1)
+    input_ids = torch.randint(3, model_cfg.llm.vocab_size, (B, TEMPLATE_TOKENS + n_l + q + 4), generator=g)
+    slot_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    slot_mask[:, TEMPLATE_TOKENS:TEMPLATE_TOKENS + n_l] = True
+    return {"pixel_values": torch.randn(B * (1 + num_crops), 3, S, S, generator=g),
+            "crop_to_sample": torch.arange(B).repeat_interleave(1 + num_crops),
+            "fused_ids": fused_ids, "query_mask": query_mask, "output_mask": output_mask,
+            "fused_attention_mask": torch.ones_like(query_mask), "input_ids": input_ids, "slot_mask": slot_mask,
+            "attention_mask": torch.ones_like(slot_mask)}
+
+
+def run_bench(cfg):
+    device, dtype = device_and_dtype(cfg)
+    ckpts = [c for c in cfg.ckpt.split(",") if c]
+    if ckpts:
+        path = checkpoint_file(ckpts[0])
+        weights, meta = read_checkpoint(path)
+        model_cfg = FusedVLMConfig.from_dict(meta["model_config"])
+        llm = load_llm(cfg.llama_path or meta["llama_path"], model_cfg.llm, device, dtype)
+        vlm = build_vlm(model_cfg, weights, llm, path, device, dtype)
+        trained = meta["token_space"]
+        n_l, num_crops, what = trained["n_l"], trained["num_crops"], path
+    else:
+        if device.type == "cpu":
+            raise SystemExit("without --ckpt the bench builds the paper-size model (a 7B LLM): run it on a GPU, or "
+                             "give a (tiny) checkpoint")
+        model_cfg = FusedVLMConfig()
+        with torch.device(device):  # random weights: the speed does not depend on their values
+            vlm = FusedVLM(model_cfg)
+        vlm = vlm.to(dtype).eval()
+        n_l, num_crops, what = 256, 16, "the paper's configuration, random weights"
+    n_l = cfg.n_l or n_l
+    num_crops = num_crops if cfg.num_crops < 0 else cfg.num_crops
+    batch = {k: v.to(device) for k, v in
+             synthetic_batch(model_cfg, cfg.batch_size, n_l, num_crops, cfg.bench_question_len).items()}
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    B, L = batch["input_ids"].shape
+    N = cfg.bench_new_tokens
+
+    def seconds(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    times = defaultdict(list)
+    with torch.no_grad():
+        for run in range(1 + cfg.bench_repeats):  # run 0 warms up
+            for key, fn in [("front", lambda: vlm.fused_tokens(batch)),
+                            ("prefill", lambda: vlm.generate(batch, max_new_tokens=1, eos_token_id=None)),
+                            ("full", lambda: vlm.generate(batch, max_new_tokens=N, eos_token_id=None))]:
+                t = seconds(fn)
+                if run:
+                    times[key].append(t)
+    front, prefill, full = (statistics.median(times[k]) for k in ("front", "prefill", "full"))
+    print(f"bench: {what}\n  batch {B}, {1 + num_crops} crops and n_l={n_l} per sample, LLM prompt {L} tokens, "
+          f"{N} new tokens, {dtype} on {device}, median of {cfg.bench_repeats} runs")
+    print(f"  vision + fused + bridge   {1000 * front:9.1f} ms")
+    print(f"  prefill (all of it)       {1000 * prefill:9.1f} ms | {B * L / prefill:10.1f} prompt tok/s")
+    print(f"  decode ({N - 1} steps)         {1000 * (full - prefill):9.1f} ms | "
+          f"{B * (N - 1) / (full - prefill):10.1f} new tok/s | {1000 * (full - prefill) / max(1, N - 1):.2f} ms/step")
+
 
 # -----------------------------------------------------------------------------
 
@@ -728,18 +1063,21 @@ def main(argv):
     cfg, positional = parse_config(Config(), argv)
     if positional:
         raise SystemExit(f"evaluate.py takes no positional arguments, got {positional}")
-    if cfg.benchmark not in BENCHMARKS:
-        raise SystemExit(f"unknown benchmark {cfg.benchmark!r}; known: {', '.join(BENCHMARKS)}")
+    if cfg.bench:
+        return run_bench(cfg)
     if not cfg.score_only:
-        raise SystemExit("running a model is not written yet; score a predictions file with --score_only=True")
+        return evaluate_checkpoints(cfg)
+    if cfg.benchmarks not in BENCHMARKS:
+        raise SystemExit(f"unknown benchmark {cfg.benchmarks!r} (score_only scores one); "
+                         f"known: {', '.join(BENCHMARKS)}")
     if not cfg.predictions:
         raise SystemExit("--score_only=True needs --predictions=FILE.jsonl")
-    rows = load_benchmark(cfg.benchmark, cfg.tsv or os.path.join(cfg.bench_dir, cfg.benchmark + ".tsv"))
+    rows = load_benchmark(cfg.benchmarks, cfg.tsv or os.path.join(cfg.bench_dir, cfg.benchmarks + ".tsv"))
     predictions = read_predictions(cfg.predictions)
-    scores = score(cfg.benchmark, rows, predictions, source=cfg.predictions)
-    append_results(os.path.join(cfg.out_dir, "results.csv"), cfg.variant, cfg.benchmark, cfg.n_l, cfg.n_s, scores,
-                   cfg.ckpt, len(rows))
-    print_table(cfg.benchmark, scores, len(rows))
+    scores = score(cfg.benchmarks, rows, predictions, source=cfg.predictions)
+    append_results(os.path.join(cfg.out_dir, "results.csv"), cfg.variant or "model", cfg.benchmarks, cfg.n_l, cfg.n_s,
+                   scores, cfg.ckpt, len(rows))
+    print_table(cfg.benchmarks, scores, len(rows))
 
 
 if __name__ == "__main__":

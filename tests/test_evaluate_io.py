@@ -270,7 +270,7 @@ def test_score_only_command_line(tmp_path, capsys):
     predictions = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"index": i, "prediction": p})
                                                      for i, p in [(1, "A. red"), (2, "(B)"), (3, "there are 4")]])
     out_dir = tmp_path / "out"
-    argv = ["--score_only=True", "--benchmark=SYNTH_MCQ", f"--tsv={tsv}", f"--predictions={predictions}",
+    argv = ["--score_only=True", "--benchmarks=SYNTH_MCQ", f"--tsv={tsv}", f"--predictions={predictions}",
             f"--out_dir={out_dir}", "--variant=VQQ", "--n_l=16", "--n_s=8"]
     ev.main(argv)
     ev.main(argv)  # appends under the same header
@@ -291,12 +291,12 @@ def test_score_only_default_tsv_location_and_bad_arguments(tmp_path):
     mcq_file(tmp_path)  # <bench_dir>/SYNTH_MCQ.tsv
     predictions = write_jsonl(tmp_path / "p.jsonl", ['{"index": 1, "prediction": "A"}'])
     with pytest.raises(ValueError, match="no prediction for 2 of the 3 rows"):
-        ev.main(["--score_only=True", "--benchmark=SYNTH_MCQ", f"--bench_dir={tmp_path}",
+        ev.main(["--score_only=True", "--benchmarks=SYNTH_MCQ", f"--bench_dir={tmp_path}",
                  f"--predictions={predictions}", f"--out_dir={tmp_path / 'out'}"])
     assert not os.path.exists(tmp_path / "out" / "results.csv")  # nothing written for a refused score
     with pytest.raises(SystemExit, match="unknown benchmark"):
-        ev.main(["--score_only=True", "--benchmark=NOPE", f"--predictions={predictions}"])
+        ev.main(["--score_only=True", "--benchmarks=NOPE", f"--predictions={predictions}"])
     with pytest.raises(SystemExit, match="needs --predictions"):
-        ev.main(["--score_only=True", "--benchmark=SYNTH_MCQ"])
+        ev.main(["--score_only=True", "--benchmarks=SYNTH_MCQ"])
     with pytest.raises(SystemExit, match="no positional arguments"):
         ev.main(["extra", "--score_only=True"])

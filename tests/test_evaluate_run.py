@@ -1,0 +1,288 @@
+"""evaluate.py running checkpoints end to end on the synthetic benchmarks (data/synthetic/prepare.py, written once
+here): tiny random FusedVLM checkpoints saved per the checkpoint schema, a sweep through the command line, resume,
+batched generation against an independent cache-free greedy loop, the VQ ablation's fused input, --bench.
+References are independent of the code under test: the TSV read with csv, a greedy loop over full forwards of the
+model object the checkpoint was saved from, CLIP ids from transformers' tokenizer, counts worked out by hand."""
+import base64
+import csv
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import sentencepiece
+import torch
+from PIL import Image
+from transformers import CLIPTokenizer
+
+import evaluate as ev
+from fusion import DEFAULT_SYSTEM_PROMPT, TokenSpace, TokenSpaceConfig, collate
+from model import FusedModel, FusedVLM, FusedVLMConfig, Llama, ViT, VisionTower, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+SYNTH = ["SYNTH_YORN", "SYNTH_MCQ", "SYNTH_VQA", "SYNTH_CAPTION"]
+N_BENCH = 6  # rows per benchmark; batch_size 4 makes one full and one left-padded batch of 2
+# SPEC section 6: the metric names each benchmark family reports
+SPEC_METRICS = {"SYNTH_YORN": {"Overall", "acc", "precision", "recall"}, "SYNTH_MCQ": {"Overall"},
+                "SYNTH_VQA": {"Overall"}, "SYNTH_CAPTION": {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On a shared 2-core machine, intra-op threads that wait on each other make tiny steps 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("synthetic_prepare", ROOT / "data" / "synthetic" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    out = tmp_path_factory.mktemp("synthetic")
+    prepare.main(prepare.Config(out_dir=str(out), n_train=16, n_val=2, n_bench=N_BENCH, llama_vocab_size=400,
+                                clip_merges=300))
+    return out
+
+
+def make_checkpoint(world, folder, n_l, seed, stage="gen"):
+    """A random FusedVLM around the tiny CLIP ViT and Llama, saved per the checkpoint schema; returns the model."""
+    vit, llm = ViT.from_hf(str(world / "clip")), Llama.from_hf(str(world / "llama"))
+    clip = CLIPTokenizer(vocab=str(world / "clip" / "vocab.json"), merges=str(world / "clip" / "merges.txt"))
+    # a bridge far above its 1e-3 training init, so that the answers depend on the image and the question
+    cfg = FusedVLMConfig(vit=vit.cfg, llm=llm.cfg, fused_layers=2, fused_heads=4, fused_mlp=128,
+                         fused_vocab_size=len(clip), n_queries=15, bridge_init_std=0.3)
+    torch.manual_seed(seed)
+    vlm = FusedVLM(cfg)
+    vlm.vision.vit, vlm.llm = vit, llm.requires_grad_(False)
+    os.makedirs(folder, exist_ok=True)
+    meta = {"stage": stage, "model_config": asdict(cfg), "clip_path": str(world / "clip"),
+            "llama_path": str(world / "llama"),
+            "token_space": {"image_size": 112, "num_crops": 2, "n_l": n_l, "n_s": 4, "drop_question": False,
+                            "max_seq_len": 1024, "system_prompt": DEFAULT_SYSTEM_PROMPT}}
+    save_checkpoint(os.path.join(folder, "ckpt.safetensors"),
+                    {f"model.{k}": v for k, v in vlm.trainable_state_dict().items()}, meta)
+    return vlm.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {"ck16": (str(root / "ck16"), make_checkpoint(world, root / "ck16", n_l=16, seed=0)),
+            "ck4": (str(root / "ck4"), make_checkpoint(world, root / "ck4", n_l=4, seed=1))}
+
+
+def evaluate_argv(world, out_dir, ckpts, benchmarks=SYNTH, *extra):
+    return [f"--ckpt={','.join(ckpts)}", f"--benchmarks={','.join(benchmarks)}", f"--bench_dir={world / 'bench'}",
+            f"--out_dir={out_dir}", "--batch_size=4", *extra]
+
+
+@pytest.fixture(scope="module")
+def sweep(world, checkpoints, tmp_path_factory):
+    """Both checkpoints over the four synthetic benchmarks in one command-line call."""
+    out = tmp_path_factory.mktemp("sweep")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "evaluate.py",
+                             *evaluate_argv(world, out, [checkpoints["ck16"][0], checkpoints["ck4"][0]])],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def tsv_rows(world, name):
+    with open(world / "bench" / f"{name}.tsv", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def results(out_dir):
+    with open(Path(out_dir) / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class GenerateSpy:
+    """Wraps FusedVLM.generate: records every batch it is given."""
+
+    def __init__(self, monkeypatch):
+        self.batches, original = [], FusedVLM.generate
+
+        def spy(vlm, batch, *args, **kwargs):
+            self.batches.append({k: v.clone() for k, v in batch.items()})
+            return original(vlm, batch, *args, **kwargs)
+        monkeypatch.setattr(FusedVLM, "generate", spy)
+
+    def rows(self):
+        return sum(len(b["input_ids"]) for b in self.batches)
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_sweep_writes_every_prediction_and_one_results_block_per_checkpoint(world, checkpoints, sweep):
+    out, stdout = sweep
+    for run_dir in ("VQQ_nl16", "VQQ_nl4"):
+        for name in SYNTH:
+            lines = jsonl(out / run_dir / f"predictions_{name}.jsonl")
+            assert sorted(line["index"] for line in lines) == sorted(r["index"] for r in tsv_rows(world, name))
+            assert all(isinstance(line["prediction"], str) for line in lines)
+    rows = results(out)
+    blocks = []  # (ckpt, benchmark) in file order, one entry per contiguous block
+    for r in rows:
+        if not blocks or blocks[-1] != (r["ckpt"], r["benchmark"]):
+            blocks.append((r["ckpt"], r["benchmark"]))
+    ck16, ck4 = checkpoints["ck16"][0], checkpoints["ck4"][0]
+    assert blocks == [(ck16, name) for name in SYNTH] + [(ck4, name) for name in SYNTH]
+    for ckpt, n_l in ((ck16, "16"), (ck4, "4")):
+        for name in SYNTH:
+            block = [r for r in rows if r["ckpt"] == ckpt and r["benchmark"] == name]
+            assert SPEC_METRICS[name] <= {r["metric"] for r in block}
+            labels = {(r["variant"], r["n_l"], r["n_s"], r["n_samples"]) for r in block}
+            assert labels == {("VQQ", n_l, "4", str(N_BENCH))}
+    # progress: a line per batch with speeds (2 batches per benchmark and checkpoint), a total at the end
+    assert sum("samples/s" in line and "new tok/s" in line and "/6 |" in line for line in stdout.splitlines()) == 16
+    assert "done: 48 samples generated" in stdout
+
+
+def greedy_without_cache(vlm, token_space, image, prompt, max_new_tokens):
+    """Reference decoding: one unpadded sample, the whole sequence re-run through vlm(batch) at every step."""
+    batch = collate([token_space.generation_sample(image, prompt)], pad_side="right")
+    eos, new = token_space.eos, []
+    for step in range(max_new_tokens):
+        logits = vlm(batch)[0][0, -1]
+        if step == 0:
+            logits[eos] = -float("inf")  # at least one new token
+        token = int(logits.argmax())
+        if token == eos:
+            break
+        new.append(token)
+        for key, value in (("input_ids", token), ("slot_mask", False), ("attention_mask", True), ("labels", -100)):
+            batch[key] = torch.cat([batch[key], torch.tensor([[value]], dtype=batch[key].dtype)], dim=1)
+    return new
+
+
+def test_batched_predictions_equal_an_unbatched_cache_free_greedy_loop(world, checkpoints, sweep):
+    out, _ = sweep
+    vlm = checkpoints["ck16"][1]
+    token_space = TokenSpace(TokenSpaceConfig(clip_path=str(world / "clip"), llama_path=str(world / "llama"),
+                                              image_size=112, num_crops=2, n_l=16, n_s=4, max_seq_len=1024))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(world / "llama" / "tokenizer.model"))
+    distinct = set()
+    for name, max_new_tokens in (("SYNTH_VQA", 10), ("SYNTH_YORN", 32)):
+        lines = jsonl(out / "VQQ_nl16" / f"predictions_{name}.jsonl")
+        predicted = {line["index"]: line["prediction"] for line in lines}
+        for row in tsv_rows(world, name):
+            png = Image.open(io.BytesIO(base64.b64decode(row["image"])))
+            buffer = io.BytesIO()
+            png.convert("RGB").save(buffer, format="JPEG", quality=75)  # VLMEvalKit's round trip
+            image = Image.open(buffer).convert("RGB")
+            suffix = "\nAnswer the question using a single word or phrase." if name == "SYNTH_VQA" else ""
+            prompt = row["question"] + suffix
+            with torch.no_grad():
+                ids = greedy_without_cache(vlm, token_space, image, prompt, max_new_tokens)
+            expected = sp.decode([t for t in ids if t not in (0, 1, 2)]).strip()
+            assert predicted[row["index"]] == expected, (name, row["index"])
+            distinct.add(expected)
+    assert len(distinct) > 1  # the answers depend on the input, so a row mix-up would show
+
+
+def test_resume_generates_only_the_missing_rows(world, checkpoints, sweep, tmp_path, monkeypatch):
+    out, _ = sweep
+    shutil.copytree(out / "VQQ_nl16", tmp_path / "VQQ_nl16")  # predictions and run.json; no results.csv yet
+    path = tmp_path / "VQQ_nl16" / "predictions_SYNTH_MCQ.jsonl"
+    full = path.read_text().splitlines(keepends=True)
+    kept = [json.dumps({**json.loads(full[0]), "prediction": "KEPT"}) + "\n", full[1]]
+    path.write_text("".join(kept) + full[2][:len(full[2]) // 2])  # killed in the middle of writing row 3
+    spy = GenerateSpy(monkeypatch)
+    ev.main(evaluate_argv(world, tmp_path, [checkpoints["ck16"][0]]))
+    assert spy.rows() == N_BENCH - 2  # the other three benchmarks were complete
+    resumed = {line["index"]: line for line in jsonl(path)}
+    originals = {line["index"]: line for line in map(json.loads, full)}
+    assert resumed[json.loads(full[0])["index"]]["prediction"] == "KEPT"
+    assert resumed.keys() == originals.keys()
+    assert all(resumed[i] == originals[i] for i in originals if i != json.loads(full[0])["index"])
+    assert {r["benchmark"] for r in results(tmp_path)} == set(SYNTH)
+    before = (tmp_path / "results.csv").read_text()
+    ev.main(evaluate_argv(world, tmp_path, [checkpoints["ck16"][0]]))  # all done: nothing generated or scored again
+    assert spy.rows() == N_BENCH - 2 and (tmp_path / "results.csv").read_text() == before
+
+
+def test_drop_question_removes_the_question_from_the_fused_input_only(world, checkpoints, tmp_path, monkeypatch):
+    ckpt = checkpoints["ck16"][0]
+    clip = CLIPTokenizer(vocab=str(world / "clip" / "vocab.json"), merges=str(world / "clip" / "merges.txt"))
+    queries = list(range(15)) + [clip.eos_token_id]  # n_l = 16: 15 query rows and the EOS
+    seen = {}
+    for flag in ("False", "True"):
+        spy = GenerateSpy(monkeypatch)
+        ev.main(evaluate_argv(world, tmp_path, [ckpt], ["SYNTH_YORN"], f"--drop_question={flag}", "--batch_size=6"))
+        (batch,) = spy.batches
+        seen[flag] = batch
+        questions = [r["question"] for r in tsv_rows(world, "SYNTH_YORN")]
+        for b, question in enumerate(questions):
+            fused = batch["fused_ids"][b][batch["fused_attention_mask"][b]].tolist()
+            text = [] if flag == "True" else clip(question, add_special_tokens=False).input_ids
+            assert fused == text + queries
+            assert batch["query_mask"][b].sum() == 15 and batch["output_mask"][b].sum() == 16
+    assert torch.equal(seen["False"]["input_ids"], seen["True"]["input_ids"])  # the LLM still reads the question
+    assert {(r["variant"], r["n_l"]) for r in results(tmp_path)} == {("VQQ", "16"), ("VQ", "16")}
+    assert (tmp_path / "VQ_nl16" / "predictions_SYNTH_YORN.jsonl").exists()
+
+
+def test_bench_mode_prints_prefill_and_decode_speeds(checkpoints, capsys):
+    ev.main(["--bench=True", f"--ckpt={checkpoints['ck4'][0]}", "--batch_size=2", "--bench_new_tokens=4",
+             "--bench_repeats=1", "--bench_question_len=8"])
+    printed = capsys.readouterr().out
+    # LLM prompt: 44 template tokens + n_l = 4 slots + 8 question tokens + 4 for [/INST]; crops: 1 + num_crops 2
+    assert "batch 2, 3 crops and n_l=4 per sample, LLM prompt 60 tokens, 4 new tokens" in printed
+    speeds = [float(line.split("|")[1].split()[0]) for line in printed.splitlines() if "tok/s" in line]
+    assert len(speeds) == 2 and all(s > 0 for s in speeds)
+
+
+def test_refusals(world, checkpoints, sweep, tmp_path):
+    out, _ = sweep
+    align = make_checkpoint(world, tmp_path / "align", n_l=16, seed=0, stage="align")
+    assert align is not None
+    ck16 = checkpoints["ck16"][0]
+    with pytest.raises(SystemExit, match="stage 'align' checkpoint"):
+        ev.main(evaluate_argv(world, tmp_path / "a", [str(tmp_path / "align" / "ckpt.safetensors")]))
+    with pytest.raises(SystemExit, match="would both write"):
+        ev.main(evaluate_argv(world, tmp_path / "b", [ck16, ck16 + "/ckpt.safetensors"]))
+    with pytest.raises(SystemExit, match="n_l=17 needs 16 learned queries"):
+        ev.main(evaluate_argv(world, tmp_path / "c", [ck16], SYNTH, "--n_l=17"))
+    shutil.copytree(out / "VQQ_nl16", tmp_path / "d" / "VQQ_nl16")
+    with pytest.raises(SystemExit, match="other settings.*num_crops"):
+        ev.main(evaluate_argv(world, tmp_path / "d", [ck16], SYNTH, "--num_crops=0"))
+    with pytest.raises(SystemExit, match="not found"):
+        ev.main(evaluate_argv(world, tmp_path / "e", [ck16], ["SYNTH_YORN", "MME"]))
+
+
+def test_a_row_with_several_images_is_shown_its_last(world, checkpoints, tmp_path, monkeypatch):
+    def b64(colour):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+    with open(tmp_path / "SYNTH_YORN.tsv", "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["index", "image", "question", "answer", "category"])
+        writer.writerow([1, repr([b64("red"), b64("blue")]), "Is it blue?", "Yes", "presence"])
+        writer.writerow([2, b64("green"), "Is it blue?", "No", "presence"])
+    spy = GenerateSpy(monkeypatch)
+    ev.main([f"--ckpt={checkpoints['ck4'][0]}", "--benchmarks=SYNTH_YORN", f"--bench_dir={tmp_path}",
+             f"--out_dir={tmp_path / 'out'}", "--jpeg_reencode=False"])
+    (batch,) = spy.batches
+    first = batch["pixel_values"][batch["crop_to_sample"] == 0]  # global view + 1 tile, (2, 3, 112, 112)
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    blue = (torch.tensor([0.0, 0.0, 1.0]) - mean) / std
+    # the global view is blue inside and black where it was padded to a square; the tiles white-padded
+    assert torch.allclose(first[0, :, 56, 56], blue, atol=1e-3) and torch.allclose(first[1, :, 56, 56], blue, atol=1e-3)
