@@ -727,8 +727,8 @@ def train_flops(model, batch):
     K = batch["pixel_values"].shape[0]
     patches = (vit.image_size // vit.patch_size) ** 2
     merged = model.vision.tokens_per_crop() - 1
-    flops = 6 * K * (linear_params(model.vision.vit) * (1 + patches) + model.vision.vit.patch_embedding.weight.numel() * patches
-                     + model.vision.merge.weight.numel() * merged)
+    flops = 6 * K * (linear_params(model.vision.vit) * (1 + patches) + model.vision.merge.weight.numel() * merged)
+    flops += 4 * K * model.vision.vit.patch_embedding.weight.numel() * patches  # pixels need no gradient: 4, not 6
     flops += 12 * K * vit.layers * vit.width * (1 + patches) ** 2
     B = batch["fused_ids"].shape[0]
     fused_lens = torch.bincount(batch["crop_to_sample"], minlength=B) * model.vision.tokens_per_crop() \
