@@ -38,6 +38,8 @@ class Config:
     out_dir: str = "out/scaling_fit"
     variants: str = ""      # comma-separated, empty = all; the first two are A and B of the difference chart
     benchmarks: str = ""    # comma-separated, empty = all
+    metrics: str = ""       # comma-separated; empty = the scores, without diagnostics (unparsable_rate) and
+                            # per-group rows (names with ':', e.g. category:count); "all" = every metric
     exclude: str = ""       # n_l points left out of the fits, e.g. "RealWorldQA:384,512;MME:1" (all variants, metrics)
     skip_bad: bool = False  # skip and list bad rows instead of stopping at the first
 
@@ -93,9 +95,18 @@ def parse_row(fields, n_columns):
     return variant, benchmark, metric, n_l, value
 
 
-def read_results(paths, skip_bad):
-    """All rows of all files -> (points, skipped) with skipped a list of 'file:line: reason'."""
-    points, skipped, seen = [], [], {}
+def metric_selected(metric, wanted):
+    if wanted == "all":
+        return True
+    if wanted:
+        return metric in [name.strip() for name in wanted.split(",")]
+    return metric != "unparsable_rate" and ":" not in metric
+
+
+def read_results(paths, skip_bad, metrics=""):
+    """All rows of all files -> (points, skipped, left_out): skipped lists 'file:line: reason' of bad rows,
+    left_out counts the rows of metrics that were not selected (never checked, never fitted)."""
+    points, skipped, seen, left_out = [], [], {}, {}
     for path in paths:
         with open(path, newline="") as f:
             reader = csv.reader(f)
@@ -109,6 +120,10 @@ def read_results(paths, skip_bad):
                 if not fields:  # a blank line holds no data
                     continue
                 where = f"{path}:{reader.line_num}"
+                metric = fields[2].strip() if len(fields) > 2 else ""
+                if metric and not metric_selected(metric, metrics):
+                    left_out[metric] = left_out.get(metric, 0) + 1
+                    continue
                 try:
                     variant, benchmark, metric, n_l, score = parse_row(fields, len(header))
                     key = (variant, benchmark, metric, n_l)
@@ -121,7 +136,7 @@ def read_results(paths, skip_bad):
                     continue
                 seen[key] = where
                 points.append(Point(variant, benchmark, metric, n_l, score, where))
-    return points, skipped
+    return points, skipped, left_out
 
 
 def names_in(points, field, wanted):
@@ -347,7 +362,11 @@ def main(argv):
     paths = paths or [DEFAULT_CSV]
     print(f"config: {asdict(cfg)}, inputs: {paths}")
 
-    points, skipped = read_results(paths, cfg.skip_bad)
+    points, skipped, left_out = read_results(paths, cfg.skip_bad, cfg.metrics)
+    if left_out:
+        print(f"left out {sum(left_out.values())} rows of metrics not selected (--metrics): "
+              + ", ".join(f"{m} ({k})" for m, k in left_out.items()))
+    names_in(points, "metric", "" if cfg.metrics == "all" else cfg.metrics)  # named metrics must exist
     variants = names_in(points, "variant", cfg.variants)
     benchmarks = names_in(points, "benchmark", cfg.benchmarks)
     points = [p for p in points if p.variant in variants and p.benchmark in benchmarks]

@@ -28,7 +28,7 @@ def good_rows(variant="A", benchmark="B", ns=(1, 8, 64, 512)):
 
 
 def load_paper():
-    points, skipped = read_results([DEFAULT_CSV], skip_bad=False)
+    points, skipped, _ = read_results([DEFAULT_CSV], skip_bad=False)
     assert skipped == []
     return group_points(points, False, [])
 
@@ -143,13 +143,13 @@ def test_bad_header(tmp_path, header):
 
 def test_extra_columns_allowed(tmp_path):
     path = write_csv(tmp_path, [HEADER + ",note"] + [row + ",x" for row in good_rows()])
-    points, skipped = read_results([path], skip_bad=False)
+    points, skipped, _ = read_results([path], skip_bad=False)
     assert [p.n for p in points] == [1, 8, 64, 512] and skipped == []
 
 
 def test_fewer_than_three_distinct_n(tmp_path):
     path = write_csv(tmp_path, [HEADER] + good_rows("A") + good_rows("C", ns=(1, 8)))
-    points, _ = read_results([path], skip_bad=False)
+    points, _, _ = read_results([path], skip_bad=False)
     with pytest.raises(BadInput, match=f"{path}:6, {path}:7: C B Overall: only 2 distinct n_l"):
         group_points(points, False, [])
     skipped = []
@@ -161,10 +161,25 @@ def test_fewer_than_three_distinct_n(tmp_path):
 def test_skip_bad_counts_every_bad_row(tmp_path):
     bad = ["A,B,Overall,16,8,0", "A,B,Overall,32,8,", "A,B,Overall,x,8,30"]
     path = write_csv(tmp_path, [HEADER] + good_rows()[:2] + bad + good_rows()[2:])
-    points, skipped = read_results([path], skip_bad=True)
+    points, skipped, _ = read_results([path], skip_bad=True)
     assert [p.n for p in points] == [1, 8, 64, 512]
     assert [line.split(": ")[0] for line in skipped] == [f"{path}:{i}" for i in (4, 5, 6)]
 
+
+
+def test_metric_filter_leaves_out_diagnostics_and_breakdowns(tmp_path):
+    # evaluate.py writes unparsable_rate (often 0) and category:* rows beside the scores: by default only the
+    # scores are fitted and the rest is counted, never checked; named metrics are selected exactly.
+    rows = good_rows() + [f"A,B,unparsable_rate,{n},8,0" for n in (1, 8, 64, 512)] + \
+        [f"A,B,category:count,{n},8,{s}" for n, s in ((1, 0), (8, 5), (64, 9), (512, 12))]
+    path = write_csv(tmp_path, [HEADER] + rows)
+    points, skipped, left_out = read_results([path], skip_bad=False)
+    assert {p.metric for p in points} == {"Overall"} and skipped == []
+    assert left_out == {"unparsable_rate": 4, "category:count": 4}
+    points, _, left_out = read_results([path], skip_bad=True, metrics="category:count")
+    assert [(p.metric, p.n) for p in points] == [("category:count", n) for n in (8, 64, 512)]
+    with pytest.raises(BadInput, match=f"{path}:6: score 0 is not a positive"):  # line 6: unparsable_rate, n_l=1
+        read_results([path], skip_bad=False, metrics="all")
 
 # -----------------------------------------------------------------------------
 # --exclude
