@@ -240,12 +240,12 @@ if cfg.resume:
         diff = {k: (meta["model_config"].get(k), v) for k, v in expected.items() if meta["model_config"].get(k) != v}
         sys.exit(f"{ckpt_path}: model config differs from this run's (checkpoint, now): {diff}")
     for key in ("seed", "batch_size", "grad_accum", "data_fraction"):
-        if meta["config"][key] != getattr(cfg, key):
-            sys.exit(f"{ckpt_path}: {key}={meta['config'][key]} in the checkpoint, {getattr(cfg, key)} now: the data order "
+        if meta["train_config"][key] != getattr(cfg, key):
+            sys.exit(f"{ckpt_path}: {key}={meta['train_config'][key]} in the checkpoint, {getattr(cfg, key)} now: the data order "
                      f"would not continue; resume with the checkpoint's value")
     if meta["world_size"] != world_size:
         sys.exit(f"{ckpt_path}: saved by {meta['world_size']} processes, resumed by {world_size}: use the same count")
-    changed = {k: (v, getattr(cfg, k)) for k, v in meta["config"].items() if k != "resume" and v != getattr(cfg, k)}
+    changed = {k: (v, getattr(cfg, k)) for k, v in meta["train_config"].items() if k != "resume" and v != getattr(cfg, k)}
     if changed:
         log(f"resuming with changed settings (checkpoint, now): {changed}")
     load_trainable(raw_model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, ckpt_path)
@@ -280,8 +280,10 @@ def save(step):
             tensors[f"rng.cuda.{r}"] = state["cuda"]
     epoch, cursor = divmod(step, steps_per_epoch)
     meta = {"stage": "gen", "step": step, "max_iters": max_iters, "data_seed": cfg.seed, "epoch": epoch,
-            "cursor": cursor, "steps_per_epoch": steps_per_epoch, "world_size": world_size, "config": asdict(cfg),
-            "model_config": asdict(model_cfg), "base_weights": {"clip_path": cfg.clip_path, "llama_path": cfg.llama_path},
+            "cursor": cursor, "steps_per_epoch": steps_per_epoch, "world_size": world_size, "train_config": asdict(cfg),
+            "model_config": asdict(model_cfg), "clip_path": os.path.abspath(cfg.clip_path),
+            "llama_path": os.path.abspath(cfg.llama_path),
+            "token_space": {k: v for k, v in asdict(token_space.cfg).items() if not k.endswith("_path")},
             "rng_python": [[s["python"][0], list(s["python"][1]), s["python"][2]] for s in states],
             "rng_numpy": [[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in states]}
     save_checkpoint(ckpt_path, tensors, meta)
