@@ -214,6 +214,8 @@ class CLIPText(nn.Module):
                              eps=tc.get("layer_norm_eps", 1e-5),
                              projection_dim=config.get("projection_dim", tc.get("projection_dim")),
                              eos_token_id=tc.get("eos_token_id", 49407))
+        if cfg.eos_token_id == 2:  # configs written before transformers#24773: <|endoftext|> is the last id
+            cfg.eos_token_id = cfg.vocab_size - 1
         text = _build(CLIPText, cfg)
         hf = {}
         for k in text.state_dict():
@@ -493,14 +495,15 @@ class FusedModel(nn.Module):
 
 
 class FusedVLM(nn.Module):
-    def __init__(self, cfg: FusedVLMConfig):
+    def __init__(self, cfg: FusedVLMConfig, llm=None):
+        """llm: an already loaded Llama (saves the random init of a 7B model that is about to be overwritten)."""
         super().__init__()
         self.cfg = cfg
         self.vision = VisionTower(cfg.vit)
         self.fused = FusedModel(cfg)
         self.bridge = nn.Linear(cfg.vit.width, cfg.llm.dim, bias=False)
         nn.init.normal_(self.bridge.weight, std=cfg.bridge_init_std)
-        self.llm = Llama(cfg.llm).requires_grad_(False)
+        self.llm = (Llama(cfg.llm) if llm is None else llm).requires_grad_(False)
 
     def fused_tokens(self, batch):  # -> (N_out, llm dim), in slot order
         vision = self.vision(batch["pixel_values"])
@@ -522,8 +525,10 @@ class FusedVLM(nn.Module):
         mask = batch.get("attention_mask")
         left_padded = mask is not None and not bool(mask[:, 0].all())
         logits = self.llm(inputs_embeds=self.input_embeds(batch), attention_mask=mask if left_padded else None)
-        loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                   ignore_index=-100, reduction="sum")
+        # log-softmax at the labelled positions only: over all of them it keeps a float32 (B, L, V) for the backward
+        targets = batch["labels"][:, 1:]
+        supervised = targets != -100
+        loss_sum = F.cross_entropy(logits[:, :-1][supervised].float(), targets[supervised], reduction="sum")
         return logits, loss_sum
 
     @torch.no_grad()
@@ -718,11 +723,11 @@ def linear_params(module):
 
 
 def train_flops(model, batch):
-    """Model FLOPs of one forward+backward of FusedVLM on `batch` (MFU's numerator; recomputation from
-    activation checkpointing is not counted). A trainable weight costs 6 FLOPs per token (forward 2,
-    input gradient 2, weight gradient 2); a frozen LLM weight 4 (no weight gradient, but the gradient must
-    flow through it to the bridge). Attention scores cost 12 x layers x width x T per token everywhere:
-    their backward needs the gradients of Q, K and V whether or not the weights train."""
+    """Model FLOPs of one forward+backward of a FusedVLM or an AlignModel on `batch` (MFU's numerator;
+    recomputation from activation checkpointing is not counted). A trainable weight costs 6 FLOPs per token
+    (forward 2, input gradient 2, weight gradient 2); a frozen LLM weight 4 (no weight gradient, but the
+    gradient must flow through it to the bridge). Attention scores cost 12 x layers x width x T per token
+    everywhere: their backward needs the gradients of Q, K and V whether or not the weights train."""
     vit = model.vision.vit.cfg
     K = batch["pixel_values"].shape[0]
     patches = (vit.image_size // vit.patch_size) ** 2
@@ -735,6 +740,12 @@ def train_flops(model, batch):
         + batch["fused_attention_mask"].sum(-1)
     flops += 6 * linear_params(model.fused) * int(fused_lens.sum())
     flops += 12 * model.cfg.fused_layers * vit.width * int((fused_lens ** 2).sum())
+    if isinstance(model, AlignModel):  # the CLIP text tower and the alignment head train too
+        text_lens = batch["answer_attention_mask"].sum(-1)
+        flops += 6 * linear_params(model.text) * int(text_lens.sum())
+        flops += 12 * model.cfg.text.layers * model.cfg.text.width * int((text_lens ** 2).sum())
+        flops += 6 * model.align_head.weight.numel() * len(batch["answer_ids"])
+        return float(flops)
     flops += 6 * model.bridge.weight.numel() * int(batch["output_mask"].sum())
     llm_lens = batch["attention_mask"].sum(-1)
     flops += 4 * linear_params(model.llm) * int(llm_lens.sum())

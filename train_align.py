@@ -44,9 +44,8 @@ from torch.utils.checkpoint import checkpoint
 
 from configurator import parse_config
 from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, collate
-from model import (AlignModel, CLIPText, FusedVLMConfig, ViT, configure_optimizer, cosine_lr, linear_params,
-                   load_checkpoint, load_optimizer_tensors, load_trainable, optimizer_tensors, peak_flops,
-                   save_checkpoint)
+from model import (AlignModel, CLIPText, FusedVLMConfig, ViT, configure_optimizer, cosine_lr, load_checkpoint,
+                   load_optimizer_tensors, load_trainable, optimizer_tensors, peak_flops, save_checkpoint, train_flops)
 
 
 @dataclass
@@ -287,25 +286,6 @@ def align_loss(questions, answers, fused, logit_scale):
     return contrastive, eye
 
 
-def align_flops(batch):
-    """Model FLOPs of one forward+backward (MFU's numerator), counted like model.train_flops: every weight is
-    trainable (6 per weight per token), attention 12 x layers x width x T per token."""
-    vit, text = model_cfg.vit, model_cfg.text
-    K, A = len(batch["pixel_values"]), len(batch["answer_ids"])
-    patches = (vit.image_size // vit.patch_size) ** 2
-    flops = 6 * K * (linear_params(raw_model.vision.vit) * (1 + patches)
-                     + raw_model.vision.vit.patch_embedding.weight.numel() * patches
-                     + raw_model.vision.merge.weight.numel() * (raw_model.vision.tokens_per_crop() - 1))
-    flops += 12 * K * vit.layers * vit.width * (1 + patches) ** 2
-    fused_lens = torch.bincount(batch["crop_to_sample"], minlength=len(batch["fused_ids"])) \
-        * raw_model.vision.tokens_per_crop() + batch["fused_attention_mask"].sum(-1)
-    flops += 6 * linear_params(raw_model.fused) * int(fused_lens.sum()) + 12 * model_cfg.fused_layers * vit.width * int((fused_lens ** 2).sum())
-    text_lens = batch["answer_attention_mask"].sum(-1)
-    flops += 6 * linear_params(raw_model.text) * int(text_lens.sum()) + 12 * text.layers * text.width * int((text_lens ** 2).sum())
-    flops += 6 * raw_model.align_head.weight.numel() * A
-    return float(flops), int(fused_lens.sum())
-
-
 # -----------------------------------------------------------------------------
 # training loop
 peak = peak_flops(device)
@@ -319,8 +299,9 @@ for step in range(start_step, cfg.max_iters):
         group["lr"] = lr
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for micro_step, batch in enumerate(next(batches)):
-        flops, tokens = align_flops(batch)  # on the host copy: no device syncs
-        totals += torch.tensor([len(batch["fused_ids"]), tokens, flops], dtype=torch.float64, device=device)
+        fused_tokens = len(batch["crop_to_sample"]) * raw_model.vision.tokens_per_crop() + int(batch["fused_attention_mask"].sum())
+        flops = train_flops(raw_model, batch)  # on the host copy: no device syncs
+        totals += torch.tensor([len(batch["fused_ids"]), fused_tokens, flops], dtype=torch.float64, device=device)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         last = micro_step == cfg.grad_accum - 1
         with model.no_sync() if ddp and not last else nullcontext():  # forward AND backward, or nothing is skipped

@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from configurator import parse_config
 from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, collate
-from model import (FusedModel, FusedVLM, FusedVLMConfig, Llama, ViT, VisionTower, configure_optimizer, cosine_lr,
+from model import (FusedVLM, FusedVLMConfig, Llama, ViT, configure_optimizer, cosine_lr,
                    load_checkpoint, load_optimizer_tensors, load_trainable, optimizer_tensors, peak_flops,
                    save_checkpoint, train_flops)
 
@@ -190,12 +190,8 @@ vit = ViT.from_hf(cfg.clip_path, image_size=cfg.image_size)
 llm = Llama.from_hf(cfg.llama_path, dtype=torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
 model_cfg = FusedVLMConfig(vit=vit.cfg, llm=llm.cfg, fused_layers=cfg.fused_layers, fused_heads=cfg.fused_heads,
                            fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip))
-with torch.device("meta"):  # shapes only: a random init of the 7B LLM that is loaded anyway would cost 27 GB
-    raw_model = FusedVLM(model_cfg)
-raw_model.vision, raw_model.fused = VisionTower(model_cfg.vit), FusedModel(model_cfg)  # model.py's random init
-raw_model.bridge = torch.nn.Linear(model_cfg.vit.width, model_cfg.llm.dim, bias=False)
-torch.nn.init.normal_(raw_model.bridge.weight, std=model_cfg.bridge_init_std)
-raw_model.vision.vit, raw_model.llm = vit, llm
+raw_model = FusedVLM(model_cfg, llm=llm)
+raw_model.vision.vit = vit
 del vit, llm
 if cfg.init_from and not cfg.resume:
     tensors, meta = load_checkpoint(cfg.init_from, prefix="model.")

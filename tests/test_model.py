@@ -156,6 +156,22 @@ def test_clip_text_matches_transformers(clip_folder):
     assert max_diff(embeds, expected_embeds) <= 1e-5
 
 
+
+def test_clip_text_legacy_eos_config_pools_at_endoftext(tmp_path):
+    # configs written before transformers#24773 say eos_token_id=2; transformers then pools at the largest id,
+    # which is <|endoftext|> (the last id of the vocabulary) wherever it occurs
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(vision_config=VISION, text_config=dict(TEXT, eos_token_id=2),
+                                projection_dim=PROJECTION_DIM)).eval()
+    clip.save_pretrained(tmp_path, safe_serialization=True)
+    input_ids = torch.tensor([[5, 2, 7, TEXT_EOS, 0, 0], [8, 9, 10, 11, 12, TEXT_EOS]])  # a literal id 2 in row 0
+    attention_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        _, embeds = CLIPText.from_hf(tmp_path).eval()(input_ids, attention_mask)
+        features = clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+    expected = features if torch.is_tensor(features) else features.pooler_output
+    assert max_diff(embeds, expected) <= 1e-5
+
 def test_clip_text_extends_position_table(tmp_path):
     clip = save_clip(tmp_path, "gelu")
     # plant an old table with a mean and spread that a default init would not give
