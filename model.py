@@ -15,8 +15,10 @@ fusion.py writes), not by the model, so one trained model can be run at any n_l 
 import json
 import math
 import os
-from dataclasses import dataclass, field
+import random
+from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -663,6 +665,60 @@ def load_trainable(module, tensors, path, unused_prefixes=()):
             raise ValueError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, the model expects {tuple(v.shape)}")
     module.load_state_dict({k: tensors[k] for k in expected}, strict=False)
 
+
+
+# A training checkpoint adds what an exact resume needs: optimizer state, every rank's RNG states, the cursor.
+
+
+def rng_state(device):
+    """This process's RNG states; a training script gathers one per rank."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def save_training_checkpoint(path, model, weights, optimizer, rank_rng_states, meta):
+    """weights: the trainable state dict; rank_rng_states: rng_state() of every rank, in rank order."""
+    tensors = {f"model.{k}": v for k, v in weights.items()}
+    tensors.update(optimizer_tensors(model, optimizer))
+    for r, state in enumerate(rank_rng_states):
+        tensors[f"rng.torch.{r}"] = state["torch"]
+        if state["cuda"] is not None:
+            tensors[f"rng.cuda.{r}"] = state["cuda"]
+    meta = dict(meta, rng_python=[[s["python"][0], list(s["python"][1]), s["python"][2]] for s in rank_rng_states],
+                rng_numpy=[[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in rank_rng_states])
+    save_checkpoint(path, tensors, meta)
+
+
+def check_resumable(path, meta, stage, model_cfg, train_cfg, data_order_keys, world_size):
+    """Stops unless the checkpoint can continue this run exactly; returns the other settings that changed."""
+    if meta.get("stage") != stage:
+        raise SystemExit(f"{path}: a {meta.get('stage')!r} checkpoint, this run trains {stage!r}")
+    expected = json.loads(json.dumps(asdict(model_cfg)))
+    if meta["model_config"] != expected:
+        diff = {k: (meta["model_config"].get(k), v) for k, v in expected.items() if meta["model_config"].get(k) != v}
+        raise SystemExit(f"{path}: model config differs from this run's (checkpoint, now): {diff}")
+    for key in data_order_keys:
+        if meta["train_config"][key] != getattr(train_cfg, key):
+            raise SystemExit(f"{path}: {key}={meta['train_config'][key]} in the checkpoint, {getattr(train_cfg, key)} "
+                             f"now: the data order would not continue; resume with the checkpoint's value")
+    if meta["world_size"] != world_size:
+        raise SystemExit(f"{path}: saved by {meta['world_size']} processes, resumed by {world_size}: use the same count")
+    return {k: (v, getattr(train_cfg, k)) for k, v in meta["train_config"].items()
+            if k != "resume" and v != getattr(train_cfg, k)}
+
+
+def restore_training_state(path, tensors, meta, model, optimizer, rank, device):
+    """Trained weights, optimizer and this rank's RNG states from a training checkpoint; returns the step."""
+    load_trainable(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    load_optimizer_tensors(model, optimizer, tensors)
+    torch.set_rng_state(tensors[f"rng.torch.{rank}"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"], device)
+    version, state, gauss = meta["rng_python"][rank]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = meta["rng_numpy"][rank]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return meta["step"]
 
 # -----------------------------------------------------------------------------
 # Optimizer, schedule, FLOPs.

@@ -44,8 +44,8 @@ from torch.utils.checkpoint import checkpoint
 
 from configurator import parse_config
 from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, collate
-from model import (AlignModel, CLIPText, FusedVLMConfig, ViT, configure_optimizer, cosine_lr, load_checkpoint,
-                   load_optimizer_tensors, load_trainable, optimizer_tensors, peak_flops, save_checkpoint, train_flops)
+from model import (AlignModel, CLIPText, FusedVLMConfig, ViT, check_resumable, configure_optimizer, cosine_lr,
+                   load_checkpoint, peak_flops, restore_training_state, rng_state, save_training_checkpoint, train_flops)
 
 
 @dataclass
@@ -198,60 +198,29 @@ optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.999
 start_step = 0
 if cfg.resume:
     tensors, meta = load_checkpoint(ckpt_path)
-    if meta.get("stage") != "align":
-        sys.exit(f"{ckpt_path}: a {meta.get('stage')!r} checkpoint, not a stage-1 (align) one")
-    expected = json.loads(json.dumps(asdict(model_cfg)))
-    if meta["model_config"] != expected:
-        diff = {k: (meta["model_config"].get(k), v) for k, v in expected.items() if meta["model_config"].get(k) != v}
-        sys.exit(f"{ckpt_path}: model config differs from this run's (checkpoint, now): {diff}")
-    for key in ("seed", "batch_size", "grad_accum"):
-        if meta["train_config"][key] != getattr(cfg, key):
-            sys.exit(f"{ckpt_path}: {key}={meta['train_config'][key]} in the checkpoint, {getattr(cfg, key)} now: the data order "
-                     f"would not continue; resume with the checkpoint's value")
-    if meta["world_size"] != world_size:
-        sys.exit(f"{ckpt_path}: saved by {meta['world_size']} processes, resumed by {world_size}: use the same count")
-    changed = {k: (v, getattr(cfg, k)) for k, v in meta["train_config"].items() if k != "resume" and v != getattr(cfg, k)}
+    changed = check_resumable(ckpt_path, meta, "align", model_cfg, cfg, ("seed", "batch_size", "grad_accum"), world_size)
     if changed:
         log(f"resuming with changed settings (checkpoint, now): {changed}")
-    load_trainable(raw_model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, ckpt_path)
-    load_optimizer_tensors(raw_model, optimizer, tensors)
-    start_step = meta["step"]
-    torch.set_rng_state(tensors[f"rng.torch.{rank}"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"])
-    python_state = meta["rng_python"][rank]
-    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    name, keys, pos, has_gauss, gauss = meta["rng_numpy"][rank]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    start_step = restore_training_state(ckpt_path, tensors, meta, raw_model, optimizer, rank, device)
     log(f"resumed from {ckpt_path} at step {start_step}")
 
 
 def save(step):
     """Trainable weights, optimizer, schedule position, data cursor, every rank's RNG states, configs: atomically."""
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-           "python": random.getstate(), "numpy": np.random.get_state()}
     states = [None] * world_size
     if ddp:
-        dist.all_gather_object(states, rng)
+        dist.all_gather_object(states, rng_state(device))
     else:
-        states = [rng]
+        states = [rng_state(device)]
     if not master:
         return
-    tensors = {f"model.{k}": v for k, v in raw_model.state_dict().items()}
-    tensors.update(optimizer_tensors(raw_model, optimizer))
-    for r, state in enumerate(states):
-        tensors[f"rng.torch.{r}"] = state["torch"]
-        if state["cuda"] is not None:
-            tensors[f"rng.cuda.{r}"] = state["cuda"]
     epoch, cursor = divmod(step, steps_per_epoch)
     meta = {"stage": "align", "step": step, "data_seed": cfg.seed, "epoch": epoch, "cursor": cursor,
             "steps_per_epoch": steps_per_epoch, "world_size": world_size, "train_config": asdict(cfg),
             "model_config": asdict(model_cfg), "clip_path": os.path.abspath(cfg.clip_path),
             "llama_path": os.path.abspath(cfg.llama_path),
-            "token_space": {k: v for k, v in asdict(token_space.cfg).items() if not k.endswith("_path")},
-            "rng_python": [[s["python"][0], list(s["python"][1]), s["python"][2]] for s in states],
-            "rng_numpy": [[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in states]}
-    save_checkpoint(ckpt_path, tensors, meta)
+            "token_space": {k: v for k, v in asdict(token_space.cfg).items() if not k.endswith("_path")}}
+    save_training_checkpoint(ckpt_path, raw_model, raw_model.state_dict(), optimizer, states, meta)
     log(f"saved {ckpt_path} at step {step}")
 
 
