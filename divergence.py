@@ -68,7 +68,7 @@ class Config:
     dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"
     # vision mode: branch pairs are two images with one question, n_max is the LLM slot count n_l
     vision: bool = False
-    ckpt: str = ""          # a tokenspace stage-2 checkpoint (ckpt.safetensors)
+    ckpt: str = ""          # a tokenspace stage-2 checkpoint (its folder or ckpt.safetensors)
     clip_path: str = ""     # vision mode: CLIP tokenizer folder; "" = the checkpoint's (llama_path likewise)
 
 

@@ -49,7 +49,7 @@ from PIL import Image
 
 from configurator import parse_config
 from fusion import TokenSpace, TokenSpaceConfig, collate
-from model import FusedVLM, FusedVLMConfig, Llama, load_checkpoint, load_trainable
+from model import FusedVLM, FusedVLMConfig, Llama, checkpoint_file, load_checkpoint, load_trainable
 
 # -----------------------------------------------------------------------------
 # config
@@ -769,11 +769,6 @@ def device_and_dtype(cfg):
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     return device, getattr(torch, dtype)
-
-
-def checkpoint_file(path):
-    """A checkpoint folder (holding ckpt.safetensors) or the file itself."""
-    return os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
 
 
 def read_checkpoint(path):

@@ -642,8 +642,14 @@ def save_checkpoint(path, tensors, meta):
     os.replace(tmp, path)
 
 
+def checkpoint_file(path):
+    """A checkpoint folder (holding ckpt.safetensors, what the training scripts write) or the file itself."""
+    return os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+
+
 def load_checkpoint(path, prefix=""):
-    """-> (tensors whose key starts with prefix, meta dict)."""
+    """path: a checkpoint folder or file -> (tensors whose key starts with prefix, meta dict)."""
+    path = checkpoint_file(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with safe_open(path, "pt") as f:
