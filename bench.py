@@ -1,0 +1,371 @@
+"""
+Benchmarks that print numbers; nothing here asserts.
+
+    python bench.py --mode=modules   # our ViT, CLIPText, Llama vs transformers: same config, same weights, fwd+bwd
+    python bench.py --mode=tokens    # FusedVLM (frozen LLM) step time and memory as n_l and the crop count grow,
+                                     # model FLOPs per step, and the paper-size FLOPs per sample (analytic)
+
+modules: one CLIPModel and one LlamaForCausalLM with random weights are saved to a temp folder; transformers
+loads them back (CLIPVisionModel, CLIPTextModelWithProjection, LlamaForCausalLM) and so do our from_hf loaders.
+Steps run interleaved, who goes first alternating by round, so that load from other processes hits both sides;
+ratios are taken within a round. On a shared CPU keep threads=1: a 2-thread step stalls whenever either thread
+is descheduled, which made 2-thread timings swing 4x here. The table also shows the max |difference| of the
+forward outputs (0 or rounding: the weights are the same).
+
+tokens: batches are built from synthetic tensors in the layout fusion.collate returns, so this does not
+depend on fusion.py. Each sample: its crops, a 16-token question, n_l outputs; on the LLM side a 40-token
+prefix, n_l slots, the question and a 32-token answer. Memory is reported two ways:
+  saved_MB  bytes autograd keeps for the backward (the activations; distinct storages, parameters excluded),
+            counted exactly in this process;
+  rss_MB    peak resident memory of a fresh process during one fwd+bwd minus its resident memory just before
+            (model and batch built; Linux /proc VmHWM, reset before the step): transient buffers and allocator
+            slack included, so it is what the machine feels; on CUDA, torch.cuda.max_memory_allocated instead.
+Timed steps of all points run in rounds (every point once per round) so that machine load spreads evenly.
+Writes bench_tokens.csv and bench_tokens.png to out_dir.
+"""
+import csv
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+from configurator import parse_config
+from model import CLIPText, FusedVLM, FusedVLMConfig, Llama, LlamaConfig, ViT, ViTConfig, train_flops
+
+
+@dataclass
+class Config:
+    mode: str = "modules"  # modules | tokens
+    out_dir: str = "out/bench"
+    device: str = "cpu"
+    threads: int = 1  # torch.set_num_threads, the same for both sides; on a shared machine 1 is the only steady setting
+    repeats: int = 7  # timed steps per point (medians)
+    seed: int = 0
+    # modules: one medium size shared by the three modules
+    batch_size: int = 2
+    width: int = 512
+    layers: int = 4
+    seq_len: int = 256  # CLIP text and Llama tokens
+    image_size: int = 224  # ViT: (224 / 14)^2 + 1 = 257 tokens
+    # tokens
+    n_l: str = "1,8,16,32,64,128,256,384,512,768"
+    crops: str = "1,5,9,17"
+    crops_at: int = 5  # crops per sample during the n_l sweep (global view + 4 tiles)
+    n_l_at: int = 256  # n_l during the crop sweep (the paper's base model)
+    tokens_batch_size: int = 2
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step, device):
+    """-> (wall ms, process CPU ms) of one call; CPU time is what other processes on the machine cannot inflate."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    sync(device)
+    return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000
+
+
+# -----------------------------------------------------------------------------
+# modules: ours vs transformers
+
+
+class Step:
+    """Forward + backward of one model on fixed inputs; run(model) -> a tuple of output tensors."""
+
+    def __init__(self, model, run, loss):
+        self.model, self.run, self.loss = model, run, loss
+
+    def __call__(self):
+        self.model.zero_grad(set_to_none=True)
+        self.loss(self.run(self.model)).backward()
+
+
+def module_pairs(cfg, folder, device):
+    """-> [(name, our Step, their Step)] for ViT, CLIP text, Llama, from one set of weights saved to `folder`."""
+    from transformers import (CLIPConfig, CLIPModel, CLIPTextModelWithProjection, CLIPVisionModel,
+                              LlamaConfig as HFLlamaConfig, LlamaForCausalLM)
+    heads = cfg.width // 64
+    tower = dict(hidden_size=cfg.width, intermediate_size=4 * cfg.width, num_hidden_layers=cfg.layers,
+                 num_attention_heads=heads, hidden_act="gelu")
+    CLIPModel(CLIPConfig(vision_config=dict(tower, image_size=cfg.image_size, patch_size=14),
+                         text_config=dict(tower, vocab_size=49408, max_position_embeddings=cfg.seq_len,
+                                          projection_dim=cfg.width),
+                         projection_dim=cfg.width)).save_pretrained(f"{folder}/clip")
+    LlamaForCausalLM(HFLlamaConfig(vocab_size=32000, hidden_size=cfg.width, intermediate_size=11008 * cfg.width // 4096,
+                                   num_hidden_layers=cfg.layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                   max_position_embeddings=cfg.seq_len, tie_word_embeddings=False)
+                     ).save_pretrained(f"{folder}/llama")
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    pixels = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
+    text_ids = torch.randint(0, 49407, (cfg.batch_size, cfg.seq_len), generator=g)
+    text_ids[:, -1] = 49407  # the EOS to pool at
+    text_ids = text_ids.to(device)
+    llama_ids = torch.randint(0, 32000, (cfg.batch_size, cfg.seq_len), generator=g).to(device)
+
+    def square_loss(outputs):
+        return sum(y.square().mean() for y in outputs)
+
+    def lm_loss(outputs):
+        return F.cross_entropy(outputs[0][:, :-1].flatten(0, 1), llama_ids[:, 1:].flatten())
+
+    def hf_text(m):
+        out = m(input_ids=text_ids)
+        return out.last_hidden_state, out.text_embeds
+
+    clip, llama = f"{folder}/clip", f"{folder}/llama"
+    pairs = [
+        ("ViT", Step(ViT.from_hf(clip), lambda m: (m(pixels),), square_loss),
+         Step(CLIPVisionModel.from_pretrained(clip), lambda m: (m(pixel_values=pixels).last_hidden_state,), square_loss)),
+        ("CLIPText", Step(CLIPText.from_hf(clip, max_positions=cfg.seq_len), lambda m: m(text_ids), square_loss),
+         Step(CLIPTextModelWithProjection.from_pretrained(clip), hf_text, square_loss)),
+        ("Llama", Step(Llama.from_hf(llama), lambda m: (m(llama_ids),), lm_loss),
+         Step(LlamaForCausalLM.from_pretrained(llama), lambda m: (m(input_ids=llama_ids).logits,), lm_loss)),
+    ]
+    for _, ours, theirs in pairs:
+        ours.model.to(device).train()
+        theirs.model.to(device).train()
+    return pairs
+
+
+def max_output_diff(ours, theirs):
+    with torch.no_grad():
+        return max((a.float() - b.float()).abs().max().item() for a, b in zip(ours.run(ours.model), theirs.run(theirs.model)))
+
+
+def bench_modules(cfg, device):
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as folder:
+        pairs = module_pairs(cfg, folder, device)
+    diffs = {name: max_output_diff(ours, theirs) for name, ours, theirs in pairs}
+    times = {name: ([], []) for name, *_ in pairs}  # (wall ms, CPU ms) per round, ours and theirs
+    for name, ours, theirs in pairs:  # warm-up: first-call allocations and kernel selection
+        ours(), theirs()
+    for r in range(cfg.repeats):
+        for name, ours, theirs in pairs:
+            sides = [(0, ours), (1, theirs)]
+            for side, step in sides if r % 2 == 0 else sides[::-1]:  # alternate who goes first (allocator, caches)
+                times[name][side].append(timed(step, device))
+        print(f"round {r + 1}/{cfg.repeats}: " +
+              ", ".join(f"{n} {t[0][-1][0]:.0f}/{t[1][-1][0]:.0f} ms" for n, t in times.items()))
+    print(f"\nforward+backward, batch {cfg.batch_size}, width {cfg.width}, {cfg.layers} layers, text/LLM {cfg.seq_len} "
+          f"tokens, ViT {(cfg.image_size // 14) ** 2 + 1} tokens, {device}, {torch.get_num_threads()} threads, "
+          f"{cfg.repeats} interleaved rounds")
+    print("| module | ours ms | HF ms | ratio | CPU-time ratio | max abs diff fwd |\n|---|---|---|---|---|---|")
+    for name, (ours, theirs) in times.items():
+        # steps of the same round share the machine's load, so ratios are taken per round
+        ratio = statistics.median(a[0] / b[0] for a, b in zip(ours, theirs))
+        cpu_ratio = statistics.median(a[1] / b[1] for a, b in zip(ours, theirs))
+        print(f"| {name} | {statistics.median(a[0] for a in ours):.0f} | {statistics.median(b[0] for b in theirs):.0f} | "
+              f"{ratio:.2f} | {cpu_ratio:.2f} | {diffs[name]:.1e} |")
+    print("ms: median wall time; ratio: median over rounds of ours / HF (wall, and process CPU time)")
+
+
+# -----------------------------------------------------------------------------
+# tokens: cost of vision tokens
+
+
+def small_vlm_config():
+    """Narrow enough for CPU, with the paper's proportions: 224 px crops of 14 px patches -> 65 tokens per crop
+    after the merge (the paper's 336 px give 145), the fused model as wide as the ViT, a Llama-shaped LLM."""
+    return FusedVLMConfig(ViTConfig(image_size=224, patch_size=14, width=128, layers=2, heads=4, mlp=512),
+                          LlamaConfig(vocab_size=4000, dim=256, layers=2, heads=4, kv_heads=4, mlp=688),
+                          fused_layers=2, fused_heads=4, fused_mlp=512, fused_vocab_size=1000, n_queries=767)
+
+
+def synthetic_batch(cfg, n_l, crops, batch_size, device, pixels=True, question_len=16, prefix_len=40, answer_len=32):
+    """A right-padded batch per the contract (all samples alike, one question each, n_l outputs per question).
+    pixels=False leaves pixel_values on the meta device: enough for train_flops, which reads only its shape."""
+    B, S, eos = batch_size, cfg.vit.image_size, cfg.fused_vocab_size - 1
+    g = torch.Generator().manual_seed(n_l * 100 + crops)
+    question = torch.randint(1, eos, (B, question_len), generator=g)
+    queries = torch.arange(n_l - 1).expand(B, -1)  # rows of the query table
+    fused_ids = torch.cat([question, queries, torch.full((B, 1), eos)], dim=1)
+    query_mask = torch.cat([torch.zeros(B, question_len), torch.ones(B, n_l - 1), torch.zeros(B, 1)], dim=1).bool()
+    output_mask = torch.cat([torch.zeros(B, question_len), torch.ones(B, n_l)], dim=1).bool()
+
+    V = cfg.llm.vocab_size
+    prefix = torch.randint(3, V, (B, prefix_len), generator=g)
+    prefix[:, 0] = 1  # <s>
+    answer = torch.cat([torch.randint(3, V, (B, answer_len), generator=g), torch.full((B, 1), 2)], dim=1)  # + </s>
+    input_ids = torch.cat([prefix, torch.zeros(B, n_l, dtype=torch.long), question % V, answer], dim=1)
+    slot_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    slot_mask[:, prefix_len:prefix_len + n_l] = True
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -answer.shape[1]:] = answer
+    pixel_shape = (B * crops, 3, S, S)
+    pixel_values = torch.randn(pixel_shape, generator=g) if pixels else torch.empty(pixel_shape, device="meta")
+    batch = dict(pixel_values=pixel_values, crop_to_sample=torch.arange(B).repeat_interleave(crops),
+                 fused_ids=fused_ids, query_mask=query_mask, output_mask=output_mask,
+                 fused_attention_mask=torch.ones_like(fused_ids, dtype=torch.bool), input_ids=input_ids,
+                 slot_mask=slot_mask, labels=labels, attention_mask=torch.ones_like(input_ids, dtype=torch.bool))
+    return {k: v.to(device) if pixels else v for k, v in batch.items()}
+
+
+def train_step(vlm, batch):
+    vlm.zero_grad(set_to_none=True)
+    vlm(batch)[1].backward()
+
+
+def saved_bytes(vlm, batch):
+    """Bytes of the distinct tensors autograd saves for the backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in vlm.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+    vlm.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = vlm(batch)[1]
+    loss.backward()
+    return sum(storages.values())
+
+
+def resident_kb(field):
+    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process, in KB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_memory_of_step(cfg, n_l, crops):
+    """Runs in a fresh process (a warm allocator would hide the growth): how much one fwd+bwd raises memory
+    (MB) above the built model and batch."""
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    vlm = FusedVLM(small_vlm_config()).to(device)
+    batch = synthetic_batch(vlm.cfg, n_l, crops, cfg.tokens_batch_size, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        train_step(vlm, batch)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = resident_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size (ru_maxrss cannot be reset and survives exec)
+    train_step(vlm, batch)
+    return (resident_kb("VmHWM") - before) / 1024
+
+
+def paper_flops(n_l, crops=13):
+    """Paper model FLOPs of one training sample, by part: ViT-H/14 at 336 px on `crops` views (13 = global + 12
+    tiles, what num_crops=16 makes of a 4:3 photo such as COCO's 640x480), a 20-token question, and on the LLM
+    side a 60-token system prompt and template, the n_l slots, the question and a 40-token answer."""
+    with torch.device("meta"):
+        vlm = FusedVLM(FusedVLMConfig())
+    batch = synthetic_batch(vlm.cfg, n_l, crops, 1, "cpu", pixels=False, question_len=20, prefix_len=60, answer_len=40)
+    return flops_by_part(vlm, batch)
+
+
+def flops_by_part(vlm, batch):
+    """train_flops split into vision tower, fused model + bridge, LLM: train_flops counts the LLM over the
+    attention_mask's tokens and the vision tower over pixel_values' crops, so zeroing each isolates it."""
+    total = train_flops(vlm, batch)
+    no_llm = train_flops(vlm, dict(batch, attention_mask=torch.zeros_like(batch["attention_mask"])))
+    no_vision = train_flops(vlm, dict(batch, pixel_values=batch["pixel_values"][:0]))
+    return dict(total=total, llm=total - no_llm, vision=total - no_vision, fused=no_llm + no_vision - total)
+
+
+def bench_tokens(cfg, device):
+    torch.manual_seed(cfg.seed)
+    vlm = FusedVLM(small_vlm_config()).to(device).train()
+    print(f"small FusedVLM: vit {vlm.cfg.vit}\n  llm {vlm.cfg.llm}\n  fused {vlm.cfg.fused_layers} layers, "
+          f"{vlm.vision.tokens_per_crop()} vision tokens per crop; batch {cfg.tokens_batch_size} samples")
+    n_ls, crop_counts = [int(n) for n in cfg.n_l.split(",")], [int(k) for k in cfg.crops.split(",")]
+    points = [(n, cfg.crops_at) for n in n_ls] + [(cfg.n_l_at, k) for k in crop_counts]
+    points = list(dict.fromkeys(points))  # (n_l_at, crops_at) may appear in both sweeps
+    batches = {p: synthetic_batch(vlm.cfg, *p, cfg.tokens_batch_size, device) for p in points}
+
+    rows = {}
+    for p, batch in batches.items():
+        n_l, crops = p
+        fused_len = crops * vlm.vision.tokens_per_crop() + batch["fused_ids"].shape[1]
+        rows[p] = dict(n_l=n_l, crops=crops, fused_len=fused_len, llm_len=batch["input_ids"].shape[1],
+                       gflops=train_flops(vlm, batch) / 1e9, saved_MB=saved_bytes(vlm, batch) / 2**20)  # also the warm-up step
+    # one fresh process per point: memory an earlier step freed but the allocator kept would hide the growth
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for p in points:
+            rows[p]["rss_MB"] = pool.apply(peak_memory_of_step, (cfg, *p))
+    times = {p: [] for p in points}
+    for r in range(cfg.repeats):
+        for p in points:
+            times[p].append(timed(lambda: train_step(vlm, batches[p]), device)[0])
+        print(f"round {r + 1}/{cfg.repeats} done")
+    for p in points:
+        rows[p]["step_ms"] = statistics.median(times[p])
+        rows[p]["gflop_per_s"] = rows[p]["gflops"] / rows[p]["step_ms"] * 1000
+
+    columns = ["n_l", "crops", "fused_len", "llm_len", "step_ms", "gflops", "gflop_per_s", "saved_MB", "rss_MB"]
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "bench_tokens.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for p in points:
+            writer.writerow({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[p].items()})
+    print(f"\nFusedVLM forward+backward (frozen LLM), {device}, {torch.get_num_threads()} threads, median of {cfg.repeats}")
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for p in points:
+        print("| " + " | ".join(f"{rows[p][k]:.1f}" if isinstance(rows[p][k], float) else str(rows[p][k]) for k in columns) + " |")
+
+    print("\npaper model (ViT-H/14 336 px x 13 views, 12-layer fused model, Llama-2-7B frozen), analytic, per sample:")
+    print("| n_l | TFLOPs | vision | fused+bridge | LLM | LLM share |\n|---|---|---|---|---|---|")
+    paper = {n: paper_flops(n) for n in n_ls}
+    for n, f in paper.items():
+        print(f"| {n} | {f['total'] / 1e12:.2f} | {f['vision'] / 1e12:.2f} | {f['fused'] / 1e12:.2f} | "
+              f"{f['llm'] / 1e12:.2f} | {f['llm'] / f['total']:.0%} |")
+    first, last = n_ls[0], n_ls[-1]
+    print(f"each extra vision token costs {(paper[last]['total'] - paper[first]['total']) / (last - first) / 1e9:.0f} "
+          f"GFLOPs per sample on average between n_l={first} and {last}")
+    plot(cfg, {"n_l": [rows[(n, cfg.crops_at)] for n in n_ls], "crops": [rows[(cfg.n_l_at, k)] for k in crop_counts]}, paper)
+
+
+def plot(cfg, sweeps, paper):
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    titles = {"n_l": f"small FusedVLM, {cfg.crops_at} crops, {cfg.device}", "crops": f"small FusedVLM, n_l = {cfg.n_l_at}"}
+    for a, (key, sweep) in zip(ax, sweeps.items()):
+        x = [r[key] for r in sweep]
+        for column, style, label in (("step_ms", "o-", "step ms (measured)"), ("saved_MB", "s-", "saved activations MB"),
+                                     ("rss_MB", "^-", "peak memory rise MB")):
+            a.plot(x, [r[column] for r in sweep], style, label=label)
+        a.set(xlabel=key if key == "n_l" else "crops per sample", ylabel="ms or MB", title=titles[key])
+    n_ls = list(paper)
+    for part, label in (("vision", "vision tower"), ("fused", "fused model + bridge"), ("llm", "frozen LLM"), ("total", "total")):
+        ax[2].plot(n_ls, [paper[x][part] / 1e12 for x in n_ls], "o-", label=label)
+    ax[2].set(xlabel="n_l", ylabel="TFLOPs per sample", title="paper model, analytic (13 views)")
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "bench_tokens.png"), dpi=90)
+    print(f"wrote {cfg.out_dir}/bench_tokens.csv and bench_tokens.png")
+
+
+if __name__ == "__main__":
+    cfg, positional = parse_config(Config(), sys.argv[1:])
+    if positional:
+        sys.exit(f"bench.py takes no positional arguments, got {positional}")
+    if cfg.mode not in ("modules", "tokens"):
+        sys.exit(f"--mode must be modules or tokens, got {cfg.mode!r}")
+    print(asdict(cfg))
+    torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    (bench_modules if cfg.mode == "modules" else bench_tokens)(cfg, torch.device(cfg.device))
+    print(f"total {time.time() - t0:.0f} s")
