@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import parse_config
+import fusion
 from model import CLIPText, FusedVLM, FusedVLMConfig, Llama, LlamaConfig, ViT, ViTConfig, train_flops
 
 
@@ -188,33 +189,10 @@ def small_vlm_config():
                           fused_layers=2, fused_heads=4, fused_mlp=512, fused_vocab_size=1000, n_queries=767)
 
 
-def synthetic_batch(cfg, n_l, crops, batch_size, device, pixels=True, question_len=16, prefix_len=40, answer_len=32):
-    """A right-padded batch per the contract (all samples alike, one question each, n_l outputs per question).
-    pixels=False leaves pixel_values on the meta device: enough for train_flops, which reads only its shape."""
-    B, S, eos = batch_size, cfg.vit.image_size, cfg.fused_vocab_size - 1
-    g = torch.Generator().manual_seed(n_l * 100 + crops)
-    question = torch.randint(1, eos, (B, question_len), generator=g)
-    queries = torch.arange(n_l - 1).expand(B, -1)  # rows of the query table
-    fused_ids = torch.cat([question, queries, torch.full((B, 1), eos)], dim=1)
-    query_mask = torch.cat([torch.zeros(B, question_len), torch.ones(B, n_l - 1), torch.zeros(B, 1)], dim=1).bool()
-    output_mask = torch.cat([torch.zeros(B, question_len), torch.ones(B, n_l)], dim=1).bool()
-
-    V = cfg.llm.vocab_size
-    prefix = torch.randint(3, V, (B, prefix_len), generator=g)
-    prefix[:, 0] = 1  # <s>
-    answer = torch.cat([torch.randint(3, V, (B, answer_len), generator=g), torch.full((B, 1), 2)], dim=1)  # + </s>
-    input_ids = torch.cat([prefix, torch.zeros(B, n_l, dtype=torch.long), question % V, answer], dim=1)
-    slot_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    slot_mask[:, prefix_len:prefix_len + n_l] = True
-    labels = torch.full_like(input_ids, -100)
-    labels[:, -answer.shape[1]:] = answer
-    pixel_shape = (B * crops, 3, S, S)
-    pixel_values = torch.randn(pixel_shape, generator=g) if pixels else torch.empty(pixel_shape, device="meta")
-    batch = dict(pixel_values=pixel_values, crop_to_sample=torch.arange(B).repeat_interleave(crops),
-                 fused_ids=fused_ids, query_mask=query_mask, output_mask=output_mask,
-                 fused_attention_mask=torch.ones_like(fused_ids, dtype=torch.bool), input_ids=input_ids,
-                 slot_mask=slot_mask, labels=labels, attention_mask=torch.ones_like(input_ids, dtype=torch.bool))
-    return {k: v.to(device) if pixels else v for k, v in batch.items()}
+def synthetic_batch(cfg, n_l, crops, batch_size, device, pixels=True, **lengths):
+    batch = fusion.synthetic_batch(batch_size, crops, cfg.vit.image_size, n_l, cfg.fused_vocab_size, cfg.llm.vocab_size,
+                                   seed=n_l * 100 + crops, pixels=pixels, **lengths)
+    return {k: v.to(device) for k, v in batch.items()} if pixels else batch
 
 
 def train_step(vlm, batch):

@@ -20,6 +20,7 @@ and however the answer lengths vary. The price: a step's grad_accum micro-batche
 data_fraction < 1 (stage 3) trains on a fixed random subset of the JSONL's lines, drawn with its own seed: the same
 lines for every n_l and every seed (a line that does not fit max_seq_len at some n_l is skipped and counted there).
 """
+import itertools
 import json
 import math
 import os
@@ -38,12 +39,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from configurator import parse_config
-from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, collate
+from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, collate, synthetic_batch
 from model import (FusedVLM, FusedVLMConfig, Llama, ViT, check_resumable, configure_optimizer, cosine_lr,
                    load_checkpoint, load_trainable, peak_flops, restore_training_state, rng_state,
                    save_training_checkpoint, train_flops)
 
 DATA_FRACTION_SEED = 0  # fixed on purpose: every n_l of a sweep fine-tunes on the same lines
+BENCH_WARMUP = 3  # steps not timed in bench mode (allocator warm-up, compilation)
 
 
 @dataclass
@@ -87,6 +89,8 @@ class Config:
     dtype: str = "bfloat16"  # autocast dtype and LLM weights on GPU ("bfloat16" or "float32"); CPU runs float32
     compile: bool = False  # torch.compile each ViT, fused-model and LLM block
     activation_checkpointing: bool = False  # recompute each ViT and fused block in the backward
+    bench: bool = False  # time bench_steps steps on synthetic batches of these shapes, then exit (no data, no checkpoint)
+    bench_steps: int = 10  # timed after BENCH_WARMUP steps; each sample has 1 + num_crops crops and n_l vision tokens
 
 
 cfg, positional = parse_config(Config(), sys.argv[1:])
@@ -127,17 +131,18 @@ for key, path, remedy in [
                                      "e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K from the Hugging Face hub, and put it there"),
         ("llama_path", cfg.llama_path, "download the Llama-2 folder (config.json, *.safetensors, tokenizer.model), "
                                        "e.g. meta-llama/Llama-2-7b-chat-hf, and put it there"),
-        ("train_file", train_path, "download the data set and write our JSONL there with data/<name>/prepare.py"),
+        *([] if cfg.bench else [("train_file", train_path, "download the data set and write our JSONL there with "
+                                                         "data/<name>/prepare.py")]),
         *([("init_from", cfg.init_from, "train the previous stage first: this is the ckpt.safetensors in its out_dir")]
           if cfg.init_from and not cfg.resume else [])]:
     if not os.path.exists(path):
         sys.exit(f"{key}: {path!r} does not exist: {remedy} (or pass --{key}=...)")
 ckpt_path = os.path.join(cfg.out_dir, "ckpt.safetensors")
-if not cfg.resume and os.path.exists(ckpt_path):
+if not cfg.resume and not cfg.bench and os.path.exists(ckpt_path):
     sys.exit(f"{ckpt_path} exists: pass --resume=True to continue it, or choose another out_dir")
 if master:
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if not cfg.resume:
+    if not cfg.resume and not cfg.bench:
         open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()  # a fresh run, a fresh log
 
 # -----------------------------------------------------------------------------
@@ -146,23 +151,29 @@ if master:
 token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cfg.llama_path, image_size=cfg.image_size,
                                           num_crops=cfg.num_crops, n_l=cfg.n_l, n_s=cfg.n_s,
                                           drop_question=cfg.drop_question, max_seq_len=cfg.max_seq_len))
-dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
-log(dataset.summary())
-if cfg.data_fraction < 1:
-    with open(train_path, "rb") as f:
-        n_lines = sum(1 for _ in f)
-    chosen = np.random.default_rng(DATA_FRACTION_SEED).permutation(n_lines)[:round(cfg.data_fraction * n_lines)] + 1
-    subset = np.flatnonzero(np.isin(dataset.line_numbers, chosen))
-    log(f"data_fraction {cfg.data_fraction}: {len(chosen)} of {n_lines} lines chosen, {len(subset)} of them usable")
-    dataset = torch.utils.data.Subset(dataset, subset.tolist())
 global_batch = cfg.batch_size * cfg.grad_accum * world_size
-steps_per_epoch = len(dataset) // global_batch
-if steps_per_epoch == 0:
-    sys.exit(f"{len(dataset)} samples do not fill one global batch of {global_batch}: lower batch_size or grad_accum")
-max_iters = cfg.max_iters or cfg.epochs * steps_per_epoch
-log(f"global batch {global_batch} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} processes; "
-    f"{steps_per_epoch} steps per epoch, {max_iters} steps; each epoch leaves out "
-    f"{len(dataset) - steps_per_epoch * global_batch} samples (a different random set every epoch)")
+if cfg.bench:
+    bench_batch = synthetic_batch(cfg.batch_size, 1 + cfg.num_crops, cfg.image_size, cfg.n_l, len(token_space.clip),
+                                  token_space.sp.get_piece_size())
+    max_iters = BENCH_WARMUP + cfg.bench_steps
+    log(f"bench: {max_iters} steps of {global_batch} synthetic conversations, {1 + cfg.num_crops} crops each, n_l {cfg.n_l}")
+else:
+    dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
+    log(dataset.summary())
+    if cfg.data_fraction < 1:
+        with open(train_path, "rb") as f:
+            n_lines = sum(1 for _ in f)
+        chosen = np.random.default_rng(DATA_FRACTION_SEED).permutation(n_lines)[:round(cfg.data_fraction * n_lines)] + 1
+        subset = np.flatnonzero(np.isin(dataset.line_numbers, chosen))
+        log(f"data_fraction {cfg.data_fraction}: {len(chosen)} of {n_lines} lines chosen, {len(subset)} of them usable")
+        dataset = torch.utils.data.Subset(dataset, subset.tolist())
+    steps_per_epoch = len(dataset) // global_batch
+    if steps_per_epoch == 0:
+        sys.exit(f"{len(dataset)} samples do not fill one global batch of {global_batch}: lower batch_size or grad_accum")
+    max_iters = cfg.max_iters or cfg.epochs * steps_per_epoch
+    log(f"global batch {global_batch} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} processes; "
+        f"{steps_per_epoch} steps per epoch, {max_iters} steps; each epoch leaves out "
+        f"{len(dataset) - steps_per_epoch * global_batch} samples (a different random set every epoch)")
 
 
 def step_batches(start_step):
@@ -258,7 +269,9 @@ def save(step):
 # -----------------------------------------------------------------------------
 # training loop
 peak = peak_flops(device)
-batches = step_batches(start_step)
+batches = itertools.repeat([bench_batch] * cfg.grad_accum) if cfg.bench else step_batches(start_step)
+log_interval = 1 if cfg.bench else cfg.log_interval
+bench_rows = []  # (ms/step, samples/s, tokens/s, MFU, peak memory) of every timed bench step
 t_start = t_log = time.time()
 steps_since_log = steps_run = 0
 totals = torch.zeros(3, dtype=torch.float64, device=device)  # since the last log: samples, LLM tokens, FLOPs
@@ -289,7 +302,7 @@ for step in range(start_step, max_iters):
     steps_since_log += 1
     steps_run += 1
 
-    if step_done % cfg.log_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step:
+    if step_done % log_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step:
         stats = torch.cat([loss_sum.view(1), totals])
         if ddp:
             dist.all_reduce(stats)
@@ -302,19 +315,27 @@ for step in range(start_step, max_iters):
         log(f"step {step_done}/{max_iters} | loss {loss:.5f} | lr {lr:.3e} | {dt * 1000:.0f} ms/step | "
             f"{samples_s:.1f} samples/s | {tokens_s:.0f} LLM tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'} | "
             f"peak mem {memory:.2f} GB")
-        if master:
+        if cfg.bench:
+            if step_done > BENCH_WARMUP:
+                bench_rows.append((dt * 1000, samples_s, tokens_s, mfu or float("nan"), memory))
+        elif master:
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step_done, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                                     "ms_per_step": dt * 1000, "samples_per_s": samples_s, "tokens_per_s": tokens_s,
                                     "mfu": mfu, "peak_mem_gb": memory}) + "\n")
         t_log, steps_since_log = time.time(), 0
         totals.zero_()
-    if step_done % cfg.ckpt_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step:
+    if not cfg.bench and (step_done % cfg.ckpt_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step):
         save(step_done)
     if step_done == cfg.stop_at_step:
         break
 
 log(f"done: {steps_run} steps, {steps_run * global_batch} samples in {time.time() - t_start:.1f} s")
+if cfg.bench:
+    ms, samples_s, tokens_s, mfu, memory = np.median(np.array(bench_rows), axis=0)
+    log(f"bench: median of {len(bench_rows)} steps after {BENCH_WARMUP} warm-up: {ms:.0f} ms/step | "
+        f"{samples_s:.1f} samples/s | {tokens_s:.0f} LLM tok/s | MFU {'n/a' if np.isnan(mfu) else f'{100 * mfu:.1f}%'} | "
+        f"peak mem {memory:.2f} GB")
 if ddp:
     dist.barrier()  # without it gloo processes sometimes abort at exit
     dist.destroy_process_group()
