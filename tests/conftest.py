@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny tokenizers trained here (data/synthetic/prepare.py's builders) and tiny Pillow images."""
+"""Shared fixtures: one torch thread, tiny tokenizers trained here (data/synthetic/prepare.py's builders), a tiny
+synthetic world, tiny Pillow images."""
 import importlib.util
 import os
 import random
@@ -8,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +34,24 @@ def load_prepare():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """On a shared 2-core machine, intra-op threads that wait on each other make tiny steps 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def synthetic_world(tmp_path_factory):
+    """A tiny data/synthetic/prepare.py output: 16 training conversations, 6 rows per benchmark, tiny CLIP and Llama."""
+    out = tmp_path_factory.mktemp("synthetic")
+    prepare = load_prepare()
+    prepare.main(prepare.Config(out_dir=str(out), n_train=16, n_val=2, n_bench=6, llama_vocab_size=400, clip_merges=300))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ References are independent of the code under test: the TSV read with csv, a gree
 model object the checkpoint was saved from, CLIP ids from transformers' tokenizer, counts worked out by hand."""
 import base64
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -23,34 +22,19 @@ from transformers import CLIPTokenizer
 
 import evaluate as ev
 from fusion import DEFAULT_SYSTEM_PROMPT, TokenSpace, TokenSpaceConfig, collate
-from model import FusedModel, FusedVLM, FusedVLMConfig, Llama, ViT, VisionTower, save_checkpoint
+from model import FusedVLM, FusedVLMConfig, Llama, ViT, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SYNTH = ["SYNTH_YORN", "SYNTH_MCQ", "SYNTH_VQA", "SYNTH_CAPTION"]
-N_BENCH = 6  # rows per benchmark; batch_size 4 makes one full and one left-padded batch of 2
+N_BENCH = 6  # rows per benchmark (conftest's synthetic_world); batch_size 4 makes one full and one left-padded batch of 2
 # SPEC section 6: the metric names each benchmark family reports
 SPEC_METRICS = {"SYNTH_YORN": {"Overall", "acc", "precision", "recall"}, "SYNTH_MCQ": {"Overall"},
                 "SYNTH_VQA": {"Overall"}, "SYNTH_CAPTION": {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a shared 2-core machine, intra-op threads that wait on each other make tiny steps 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("synthetic_prepare", ROOT / "data" / "synthetic" / "prepare.py")
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
-    out = tmp_path_factory.mktemp("synthetic")
-    prepare.main(prepare.Config(out_dir=str(out), n_train=16, n_val=2, n_bench=N_BENCH, llama_vocab_size=400,
-                                clip_merges=300))
-    return out
+def world(synthetic_world):
+    return synthetic_world
 
 
 def make_checkpoint(world, folder, n_l, seed, stage="gen"):

@@ -5,7 +5,6 @@ References are independent of fusion.py: SentencePiece and CLIPTokenizer called 
 names, crop counts worked out by hand from the Phi-3-V rule, pixel values of solid-colour images normalised here.
 """
 import json
-import os
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ The scripts run in this process with runpy (their globals come back for inspecti
 as subprocesses. References are independent of the code under test: a loss worked out by hand, the LLM weights
 read back from their own folder, an uninterrupted run against an interrupted one, one process against two.
 """
-import importlib.util
 import json
 import os
 import runpy
@@ -28,23 +27,9 @@ TINY = ["--num_crops=0", "--batch_size=2", "--grad_accum=2", f"--max_iters={STEP
         "--ckpt_interval=100", "--lr=3e-3", "--warmup_ratio=0.25"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a shared 2-core machine, intra-op threads that wait on each other make tiny steps 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("synthetic_prepare", ROOT / "data" / "synthetic" / "prepare.py")
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
-    out = tmp_path_factory.mktemp("synthetic")
-    prepare.main(prepare.Config(out_dir=str(out), n_train=16, n_val=2, n_bench=4, llama_vocab_size=400, clip_merges=300))
-    return out
+def data_dir(synthetic_world):
+    return synthetic_world
 
 
 def argv(data_dir, out_dir, *extra):
