@@ -13,16 +13,16 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 OUT=${TINY_OUT:-out/tiny-repro}             # data, checkpoints, predictions, logs
-RESULTS=${TINY_RESULTS:-results/tiny}      # results.csv, fits.csv, scaling_fit.png, difference.png
+RESULTS=${TINY_RESULTS:-results/tiny}      # results.csv, fits.csv, fits_all_metrics.csv, scaling_fit.png, difference.png
 NL=${TINY_NL:-"1 2 4 8 16 32 64"}          # the stage-3 sweep; n_s = min(n_l, 4)
 BASE_NL=${TINY_BASE_NL:-64}                # stages 1 and 2 (the paper: 256 / 8)
 N_TRAIN=${TINY_TRAIN:-2000}                # training conversations (stage 3 uses 10% of them)
-N_BENCH=${TINY_BENCH:-100}                 # rows per benchmark
+N_BENCH=${TINY_BENCH:-150}                 # rows per benchmark
 LM_STEPS=${TINY_LM_STEPS:-400}             # stage 0, the LLM
 LM_BATCH=${TINY_LM_BATCH:-32}              # conversations per LLM step
 CLIP_STEPS=${TINY_CLIP_STEPS:-600}         # stage 0, CLIP, 64 image-caption pairs per step
-ALIGN_STEPS=${TINY_ALIGN_STEPS:-100}       # stage 1, 16 conversations per step
-GEN_STEPS=${TINY_GEN_STEPS:-300}           # stage 2, 16 conversations per step
+ALIGN_STEPS=${TINY_ALIGN_STEPS:-150}       # stage 1, 16 conversations per step
+GEN_STEPS=${TINY_GEN_STEPS:-1500}          # stage 2, 16 conversations per step (12 epochs)
 FT_STEPS=${TINY_FT_STEPS:-25}              # stage 3, 16 conversations per step (2 epochs of the 10%)
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 MPLBACKEND=Agg
@@ -92,4 +92,8 @@ progress "results and scaling fit -> $RESULTS"
 run "$LOGS/scaling_fit.log" $PYTHON scaling_fit.py "$RESULTS/results.csv" --variants=VQQ,VQ-ft --out_dir="$RESULTS" \
     --skip_bad=True
 cat "$LOGS/scaling_fit.log"
+# every metric, the question types (category:*) too: which kinds of question gain from more tokens
+run "$LOGS/scaling_fit_all.log" $PYTHON scaling_fit.py "$RESULTS/results.csv" --variants=VQQ,VQ-ft --metrics=all \
+    --skip_bad=True --out_dir="$OUT/fit-all-metrics"
+cp "$OUT/fit-all-metrics/fits.csv" "$RESULTS/fits_all_metrics.csv"
 progress "done"

@@ -158,5 +158,15 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     fitted = {(f["variant"], f["benchmark"], f["metric"], f["form"]) for f in fits}
     assert fitted and all(int(f["n_points"]) == len(CI_NL) for f in fits)
     assert {v for v, _, _, _ in fitted} == {"VQQ", "VQ-ft"} and {form for *_, form in fitted} == {"power", "two_regime"}
+    # a curve is fitted exactly when all its scores are positive (a log-space fit cannot take a 0)
+    positive = {}
+    for r in rows:
+        key = (r["variant"], r["benchmark"], r["metric"])
+        positive[key] = positive.get(key, True) and float(r["score"]) > 0
+    headline = {key for key in positive if ":" not in key[2] and key[2] != "unparsable_rate"}
+    assert {key for key in headline if positive[key]} == {(v, b, m) for v, b, m, _ in fitted}
+    with open(tmp_path / "results" / "fits_all_metrics.csv", newline="") as f:
+        all_fitted = {(f["variant"], f["benchmark"], f["metric"]) for f in csv.DictReader(f)}
+    assert all_fitted == {key for key, ok in positive.items() if ok}
     for figure in ("scaling_fit.png", "difference.png"):
         assert (tmp_path / "results" / figure).stat().st_size > 1000

@@ -13,7 +13,7 @@ images shuffled across the batch stayed equal to 3 decimals after 400 and 750 st
 The captions are not in train.jsonl: they are rebuilt by replaying prepare.py's random stream (pretrain_llm.py's
 read_conversations checks the replay against the JSONL). The model is transformers' CLIPModel, the class prepare.py
 writes the random one with: the output folder (save_pretrained, safetensors, plus vocab.json and merges.txt) is
-exactly what CLIP.from_hf / ViT.from_hf read.
+exactly what ViT.from_hf and CLIPText.from_hf read.
 """
 import json
 import os

@@ -7,15 +7,15 @@ cannot answer anything, whatever vision tokens it is given.
 
 Text: every training conversation laid out exactly as fusion.py lays out the LLM sequence of stage 2 (Llama-2 chat
 template with the system prompt, each piece tokenized on its own, questions and answers), with the scene described in
-words where stage 2 puts the n_l vision slots, and no slots in later turns; next-token loss on every token:
+words where stage 2 puts the n_l vision slots, and no slots in later turns:
 
     <s>[INST] <<SYS>>...<</SYS>> | The grid has 4 rows and 5 columns and the label reads KX7. Row 1: ... | {Q1} [/INST] {A1} </s>...
 
-So the LLM learns what Llama-2 brings to the paper: the chat format, the answer formats, and how to answer a question
-from what its context says. It never sees an image or a vision token: from the bridge's outputs it can answer only
-once stages 1-3 teach the vision side to say, in its embedding space, what the description says in words. (Without
-the description the LLM learns the answers' prior only; stage 2 then never learned to use the vision tokens at all
-within the CPU budget: the answer loss with the right and with shuffled images stayed equal.)
+So the LLM learns what Llama-2 brings to the paper: the chat format, the answer formats, the answers' prior, and (a
+little, at the default budget: val answer loss 0.656 nats with the scene described, 0.703 without) how to take an
+answer from what its context says. It never sees an image or a vision token: from the bridge's outputs it can answer
+only once stages 1-3 teach the vision side to say, in its embedding space, what the description says in words.
+The loss is on the answer tokens only (as in stage 2); the description, questions and template are context.
 
 The descriptions are not in train.jsonl: they are rebuilt by replaying prepare.py's random stream (each scene is
 drawn, then its conversation), and every replayed conversation must equal the JSONL's, or this stops.
