@@ -405,18 +405,20 @@ class Llama(nn.Module):
         if config.get("head_dim", cfg.dim // cfg.heads) != cfg.dim // cfg.heads:
             raise ValueError(f"{path}/config.json: head_dim != hidden_size / num_attention_heads is not supported")
         llama = _build(Llama, cfg)
-        tied = config.get("tie_word_embeddings", False)
-        hf = {k: ("model.embed_tokens.weight" if tied else k) if k.startswith("lm_head") else "model." + _llama_key(k)
-              for k in llama.state_dict()}
+        hf = llama.hf_names(tied=config.get("tie_word_embeddings", False))
         _load_strict(llama, path, hf, dtype=dtype or torch.float32)
         return llama
 
-
-def _llama_key(k):
-    """Our Llama block names -> HF names: the MLP projections live under mlp."""
-    for p in ("gate_proj", "up_proj", "down_proj"):
-        k = k.replace(f".{p}.", f".mlp.{p}.")
-    return k
+    def hf_names(self, tied=False):
+        """Our state-dict keys -> LlamaForCausalLM's: everything under model., the MLP projections under mlp.
+        (the key map from_hf loads with, and what a script writing an HF folder saves under)."""
+        def hf(k):
+            if k.startswith("lm_head"):
+                return "model.embed_tokens.weight" if tied else k
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                k = k.replace(f".{p}.", f".mlp.{p}.")
+            return "model." + k
+        return {k: hf(k) for k in self.state_dict()}
 
 
 # -----------------------------------------------------------------------------

@@ -246,7 +246,11 @@ def fit_two_regime(n, s):
 
 
 def r2(observed, predicted):
-    return 1 - np.sum((observed - predicted) ** 2) / np.sum((observed - observed.mean()) ** 2)
+    """None (a blank in fits.csv) when the scores do not vary: there is no variance to explain."""
+    total = np.sum((observed - observed.mean()) ** 2)
+    if total <= 1e-12 * max(1.0, float(np.sum(observed ** 2))):
+        return None
+    return 1 - np.sum((observed - predicted) ** 2) / total
 
 
 def aic(log_residuals, n_params):
@@ -279,8 +283,9 @@ def print_table(fits):
     print(head)
     print("-" * len(head))
     for power, two in zip(fits[::2], fits[1::2]):
+        r2_log, r2_lin = (f"{'-' if v is None else format(v, '.3f'):>7}" for v in (power["r2_log"], power["r2"]))
         print(f"{power['variant']:<8} {power['benchmark']:<16} {power['metric']:<12} {power['c']:>9.4g} "
-              f"{power['alpha']:>8.4f} {power['r2_log']:>7.3f} {power['r2']:>7.3f} {two['beta']:>8.4f} "
+              f"{power['alpha']:>8.4f} {r2_log} {r2_lin} {two['beta']:>8.4f} "
               f"{two['n_b']:>9.3g} {power['aic']:>8.2f} {two['aic']:>8.2f}")
 
 

@@ -181,6 +181,16 @@ def test_metric_filter_leaves_out_diagnostics_and_breakdowns(tmp_path):
     with pytest.raises(BadInput, match=f"{path}:6: score 0 is not a positive"):  # line 6: unparsable_rate, n_l=1
         read_results([path], skip_bad=False, metrics="all")
 
+
+def test_constant_scores_leave_r2_blank(tmp_path):
+    # a model that always gives the same answer scores the same at every n_l: alpha 0, and no variance to explain
+    path = write_csv(tmp_path, [HEADER] + [f"A,B,Overall,{n},8,67.2566" for n in (1, 8, 64, 512)])
+    out = tmp_path / "out"
+    assert run_cli(str(path), f"--out_dir={out}").returncode == 0
+    rows = list(csv.DictReader(open(out / "fits.csv")))
+    power = next(r for r in rows if r["form"] == "power")
+    assert abs(float(power["alpha"])) < 1e-9 and power["r2_log"] == "" and power["r2"] == ""
+
 # -----------------------------------------------------------------------------
 # --exclude
 

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import parse_config  # noqa: E402
 from fusion import IGNORE, BadSample, TokenSpace, TokenSpaceConfig, parse_record  # noqa: E402
-from model import Llama, _llama_key, configure_optimizer, cosine_lr  # noqa: E402
+from model import Llama, configure_optimizer, cosine_lr  # noqa: E402
 from prepare import conversation, description, random_scene  # noqa: E402  (this folder's prepare.py)
 
 
@@ -130,8 +130,8 @@ def save_hf(llm, source, out_dir):
     config["tie_word_embeddings"] = False
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    tensors = {k if k.startswith("lm_head") else "model." + _llama_key(k): v.contiguous()
-               for k, v in llm.state_dict().items()}
+    names = llm.hf_names()
+    tensors = {names[k]: v.contiguous() for k, v in llm.state_dict().items()}
     path = os.path.join(out_dir, "model.safetensors")
     save_file(tensors, path + ".tmp", metadata={"format": "pt"})
     os.replace(path + ".tmp", path)
