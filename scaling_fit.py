@@ -333,6 +333,9 @@ def plot_fits(groups, masks, fits, variants, panels, path):
                     ls="--")
             ax.text(0.03, 0.93 - 0.1 * row, f"α={power['alpha']:.3f}", color=colour, fontsize=7,
                     transform=ax.transAxes, va="top")
+        low, high = ax.get_ylim()
+        if high - low < 1e-6 * max(1.0, abs(high)):  # flat curves: show them flat, not as rounding noise
+            ax.set_ylim(low - 1, high + 1)
     handles = [Line2D([], [], color=colours[v], marker="o", ls="none", label=v) for v in variants] + [
         Line2D([], [], color="grey", label="power law c / n^α"),
         Line2D([], [], color="grey", ls="--", label="two-regime law"),
