@@ -148,8 +148,11 @@ class Accumulator:
 def fit_lambda(d_mean, upsilon):
     """Least squares of d_mean ~ lambda * sqrt(upsilon) -> (lambda, R^2 about the mean)."""
     x, y = np.sqrt(np.maximum(upsilon, 0)), d_mean
+    if not (x @ x) > 0:  # identical branches: Upsilon and D are 0 everywhere, there is no scale to fit
+        return math.nan, math.nan
     lam = float(x @ y / (x @ x))
-    r2 = 1 - float(((y - lam * x) ** 2).sum() / ((y - y.mean()) ** 2).sum()) if len(y) > 1 else math.nan
+    spread = ((y - y.mean()) ** 2).sum()
+    r2 = 1 - float(((y - lam * x) ** 2).sum() / spread) if len(y) > 1 and spread > 0 else math.nan
     return lam, r2
 
 
