@@ -438,6 +438,26 @@ def collate(samples, pad_side="right"):
     return batch
 
 
+def step_batches(dataset, start_step, steps_per_epoch, batch_size, grad_accum, rank, world_size, seed,
+                 num_workers=0, pin_memory=False):
+    """Yields this process's grad_accum collated micro-batches for every optimizer step from start_step on, across
+    epochs. Each epoch is a permutation seeded by (seed, epoch), cut into steps of batch_size * grad_accum *
+    world_size samples (the remainder is left out); within a step micro-batch j goes to rank j % world_size, so a
+    step holds the same micro-batches for any split into ranks x accumulation, and a resumed run continues the
+    same order from its step."""
+    global_batch = batch_size * grad_accum * world_size
+    step = start_step
+    while True:
+        epoch, cursor = divmod(step, steps_per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(len(dataset)).tolist()
+        micro = [order[i:i + batch_size] for i in range(cursor * global_batch, steps_per_epoch * global_batch, batch_size)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro[rank::world_size], collate_fn=collate,
+                                             num_workers=num_workers, pin_memory=pin_memory)
+        batches = iter(loader)
+        for _ in range(cursor, steps_per_epoch):
+            yield [next(batches) for _ in range(grad_accum)]
+        step = (epoch + 1) * steps_per_epoch
+
 def synthetic_batch(batch_size, crops, image_size, n_l, clip_vocab_size, llama_vocab_size, question_len=16,
                     prefix_len=40, answer_len=32, seed=0, pixels=True):
     """A collated training batch of given shapes with random content, for benchmarks: every sample has `crops`

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from configurator import parse_config
-from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, collate
+from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, step_batches
 from model import (AlignModel, CLIPText, FusedVLMConfig, ViT, check_resumable, configure_optimizer, cosine_lr,
                    load_checkpoint, peak_flops, restore_training_state, rng_state, save_training_checkpoint, train_flops)
 
@@ -138,8 +138,8 @@ if master:
         open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()  # a fresh run, a fresh log
 
 # -----------------------------------------------------------------------------
-# data: a seeded permutation per epoch, cut into steps of global_batch conversations. Within a step, micro-batch j
-# goes to rank j % world_size, so the micro-batches of a step are the same for any split into ranks x accumulation.
+# data: fusion.step_batches cuts a seeded permutation per epoch into steps of global_batch conversations, the same
+# micro-batches for any split into ranks x accumulation.
 token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cfg.llama_path, image_size=cfg.image_size,
                                           num_crops=cfg.num_crops, n_l=cfg.n_l, n_s=cfg.n_s, max_seq_len=cfg.max_seq_len,
                                           max_answer_tokens=cfg.text_max_positions))
@@ -152,21 +152,6 @@ if steps_per_epoch == 0:
 log(f"global batch {global_batch} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} processes; "
     f"{steps_per_epoch} steps per epoch; each epoch leaves out {len(dataset) - steps_per_epoch * global_batch} samples "
     f"(a different random set every epoch)")
-
-
-def step_batches(start_step):
-    """Yields this process's grad_accum collated micro-batches for every step from start_step on, across epochs."""
-    step = start_step
-    while True:
-        epoch, cursor = divmod(step, steps_per_epoch)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(dataset)).tolist()
-        micro = [order[i:i + cfg.batch_size] for i in range(cursor * global_batch, steps_per_epoch * global_batch, cfg.batch_size)]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=micro[rank::world_size], collate_fn=collate,
-                                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-        batches = iter(loader)
-        for _ in range(cursor, steps_per_epoch):
-            yield [next(batches) for _ in range(cfg.grad_accum)]
-        step = (epoch + 1) * steps_per_epoch
 
 
 # -----------------------------------------------------------------------------
@@ -258,7 +243,8 @@ def align_loss(questions, answers, fused, logit_scale):
 # -----------------------------------------------------------------------------
 # training loop
 peak = peak_flops(device)
-batches = step_batches(start_step)
+batches = step_batches(dataset, start_step, steps_per_epoch, cfg.batch_size, cfg.grad_accum, rank, world_size,
+                       cfg.seed, cfg.num_workers, pin_memory=device.type == "cuda")
 t_start = t_log = time.time()
 steps_since_log = steps_run = 0
 totals = torch.zeros(3, dtype=torch.float64, device=device)  # since the last log: samples, fused tokens, FLOPs

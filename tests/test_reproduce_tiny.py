@@ -13,21 +13,16 @@ import torch
 from transformers import CLIPModel, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "data" / "synthetic"))
 
 import pretrain_clip  # noqa: E402
 import pretrain_llm  # noqa: E402
-from conftest import load_prepare  # noqa: E402
 from model import ViT, Llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    prepare = load_prepare()
-    prepare.main(prepare.Config(out_dir=str(out), n_train=24, n_val=4, n_bench=4, llama_vocab_size=400, clip_merges=300))
-    return out
+def world(synthetic_world):
+    return synthetic_world
 
 
 def hf_llama(path):
