@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from configurator import parse_config
 from fusion import TokenSpace, TokenSpaceConfig, collate, load_image
-from model import FusedVLM, FusedVLMConfig, Llama, load_checkpoint, load_trainable
+from model import FusedVLM, FusedVLMConfig, Llama, load_checkpoint
 
 
 @dataclass
@@ -329,14 +329,11 @@ def vision_mode(cfg):
     pairs = read_pairs(cfg, lambda r: image_pair(r, root))
 
     dtype = getattr(torch, cfg.dtype)
-    with torch.device("meta"):  # nothing allocated: the LLM comes from its folder, the rest from the checkpoint
-        vlm = FusedVLM(model_cfg)
-    vlm.llm = Llama.from_hf(llama_path, dtype=dtype).requires_grad_(False)
-    if vlm.llm.cfg != model_cfg.llm:
-        raise BadInput(f"{llama_path}: LLM config {vlm.llm.cfg} differs from the checkpoint's {model_cfg.llm}")
-    for part in (vlm.vision, vlm.fused, vlm.bridge):
-        part.to_empty(device="cpu")
-    load_trainable(vlm, {k[len("model."):]: v for k, v in tensors.items()}, cfg.ckpt)
+    try:
+        vlm = FusedVLM.from_pretrained(model_cfg, {k[len("model."):]: v for k, v in tensors.items()},
+                                       Llama.from_hf(llama_path, dtype=dtype), cfg.ckpt)
+    except ValueError as e:  # an LLM that is not the one the checkpoint was trained with
+        raise BadInput(str(e)) from None
     vlm = vlm.to(device=cfg.device, dtype=dtype).eval()
     batches = (pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size))
     return (vision_batch_states(vlm, space, batch, cfg.layer, cfg.device) for batch in batches), len(pairs)

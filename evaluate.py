@@ -49,7 +49,7 @@ from PIL import Image
 
 from configurator import parse_config
 from fusion import TokenSpace, TokenSpaceConfig, collate
-from model import FusedVLM, FusedVLMConfig, Llama, checkpoint_file, load_checkpoint, load_trainable
+from model import FusedVLM, FusedVLMConfig, Llama, checkpoint_file, load_checkpoint
 
 # -----------------------------------------------------------------------------
 # config
@@ -783,23 +783,11 @@ def read_checkpoint(path):
     return {k[len("model."):]: v for k, v in tensors.items()}, meta
 
 
-def load_llm(llama_path, expected, device, dtype):
-    llm = Llama.from_hf(llama_path, dtype=dtype).requires_grad_(False)
-    if llm.cfg != expected:
-        raise SystemExit(f"llama_path={llama_path}: its config {llm.cfg} is not the LLM the checkpoint was trained "
-                         f"with ({expected})")
-    return llm.to(device)
-
-
 def build_vlm(model_cfg, weights, llm, path, device, dtype):
-    """The FusedVLM around an already loaded frozen LLM, with the trained weights; nothing is randomly initialised
-    (built on the meta device, then only the trained parts get memory)."""
-    with torch.device("meta"):
-        vlm = FusedVLM(model_cfg)
-    vlm.llm = llm
-    for part in (vlm.vision, vlm.fused, vlm.bridge):
-        part.to_empty(device="cpu")
-    load_trainable(vlm, weights, path)  # strict: every trained tensor present, with its shape, nothing extra
+    try:
+        vlm = FusedVLM.from_pretrained(model_cfg, weights, llm, path)
+    except ValueError as e:  # an LLM that is not the one the checkpoint was trained with
+        raise SystemExit(str(e)) from None
     return vlm.to(device=device, dtype=dtype).eval()
 
 
@@ -953,7 +941,7 @@ def evaluate_checkpoints(cfg):
         token_space = TokenSpace(ts_cfg)
         if llm_source != (ts_cfg.llama_path, model_cfg.llm):  # a sweep shares one LLM: load it once
             llm = None  # frees the previous one first
-            llm = load_llm(ts_cfg.llama_path, model_cfg.llm, device, dtype)
+            llm = Llama.from_hf(ts_cfg.llama_path, dtype=dtype).to(device)
             llm_source = (ts_cfg.llama_path, model_cfg.llm)
         vlm = build_vlm(model_cfg, weights, llm, path, device, dtype)
         del weights
@@ -1003,7 +991,7 @@ def run_bench(cfg):
         path = checkpoint_file(ckpts[0])
         weights, meta = read_checkpoint(path)
         model_cfg = FusedVLMConfig.from_dict(meta["model_config"])
-        llm = load_llm(cfg.llama_path or meta["llama_path"], model_cfg.llm, device, dtype)
+        llm = Llama.from_hf(cfg.llama_path or meta["llama_path"], dtype=dtype).to(device)
         vlm = build_vlm(model_cfg, weights, llm, path, device, dtype)
         trained = meta["token_space"]
         n_l, num_crops, what = trained["n_l"], trained["num_crops"], path

@@ -509,6 +509,20 @@ class FusedVLM(nn.Module):
         nn.init.normal_(self.bridge.weight, std=cfg.bridge_init_std)
         self.llm = (Llama(cfg.llm) if llm is None else llm).requires_grad_(False)
 
+    @staticmethod
+    def from_pretrained(cfg, weights, llm, path):
+        """The trained model: `weights` = a stage-2/3 checkpoint's trainable tensors (load_checkpoint with prefix
+        "model.", stripped), around an already loaded frozen LLM (a sweep shares one). Built on the meta device, so
+        nothing is randomly initialised; only the trained parts get memory, on the CPU."""
+        if llm.cfg != cfg.llm:
+            raise ValueError(f"{path}: trained with the LLM {cfg.llm}, given one with {llm.cfg}")
+        with torch.device("meta"):
+            vlm = FusedVLM(cfg, llm=llm)
+        for part in (vlm.vision, vlm.fused, vlm.bridge):
+            part.to_empty(device="cpu")
+        load_trainable(vlm, weights, path)  # strict: every trained tensor present, with its shape, nothing extra
+        return vlm
+
     def fused_tokens(self, batch):  # -> (N_out, llm dim), in slot order
         vision = self.vision(batch["pixel_values"])
         fused = self.fused(vision, batch["crop_to_sample"], batch["fused_ids"], batch["query_mask"], batch["output_mask"])

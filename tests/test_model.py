@@ -610,3 +610,14 @@ def test_missing_folder_is_named(tmp_path, loader):
     with pytest.raises(Exception) as error:
         load(folder)
     assert str(folder) in str(error.value)
+
+
+def test_from_pretrained_rebuilds_the_trained_model_and_refuses_another_llm(tiny_vlm):
+    batch = collate(SAMPLES)
+    weights = {k: v.clone() for k, v in tiny_vlm.trainable_state_dict().items()}
+    rebuilt = FusedVLM.from_pretrained(tiny_vlm.cfg, weights, tiny_vlm.llm, "ckpt.safetensors")
+    with torch.no_grad():
+        assert max_diff(rebuilt(batch)[0], tiny_vlm(batch)[0]) == 0.0
+    other = Llama(LlamaConfig(vocab_size=128, dim=48, layers=1, heads=4, kv_heads=2, mlp=96))
+    with pytest.raises(ValueError, match="ckpt.safetensors: trained with the LLM"):
+        FusedVLM.from_pretrained(tiny_vlm.cfg, weights, other, "ckpt.safetensors")
