@@ -143,9 +143,11 @@ def test_single_output_per_question(make_space, clip, clip_eos, draw_image):
     assert s["output_mask"].sum() == 2
 
 
-def test_question_cap_keeps_the_head(make_space, clip, clip_eos, draw_image):
-    s = make_space(n_l=2, max_question_tokens=3).make_sample(draw_image(9, 9), [(Q1, A1)])
-    assert s["fused_ids"].tolist() == clip_ids(clip, Q1)[:3] + [0, clip_eos]
+def test_a_long_question_is_not_cut_on_the_fused_side(make_space, clip, clip_eos, draw_image):
+    long_question = " ".join([Q1] * 40)  # several hundred CLIP tokens
+    assert len(clip_ids(clip, long_question)) > 300
+    s = make_space(n_l=2).make_sample(draw_image(9, 9), [(long_question, A1)])
+    assert s["fused_ids"].tolist() == clip_ids(clip, long_question) + [0, clip_eos]
 
 
 def test_literal_endoftext_in_text_is_not_an_eos(make_space, clip_eos, draw_image):
