@@ -27,7 +27,7 @@ Conversation -> the LLM sequence (Llama-2 chat), each piece encoded on its own w
   by the bridge outputs in order. The answer piece keeps the space before </s> that Llama-2-chat's own format
   has (SentencePiece encodes it as a lone "▁"). Labels: the answer piece's tokens and its </s>, -100 elsewhere,
   not shifted. With an empty system prompt turn 1 starts like turn t. A generation prompt ends after the last
-  "[/INST]". Texts are used as written (no strip, bounding boxes untouched).
+  "[/INST]". Texts are used as written (no strip; <bbox> tags as the loader mapped them, see below).
 
 Stage 1 also gets one CLIP row per turn: the answer's tokens (at most max_answer_tokens - 1) + EOS, truncated
 before the EOS is appended so every row ends in exactly one EOS.
