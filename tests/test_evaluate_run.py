@@ -1,6 +1,6 @@
 """evaluate.py running checkpoints end to end on the synthetic benchmarks (data/synthetic/prepare.py, written once
 here): tiny random FusedVLM checkpoints saved per the checkpoint schema, a sweep through the command line, resume,
-batched generation against an independent cache-free greedy loop, the VQ ablation's fused input, --bench.
+batched generation against an independent cache-free greedy loop, the VQ ablation's fused input, bench.py's generate mode.
 References are independent of the code under test: the TSV read with csv, a greedy loop over full forwards of the
 model object the checkpoint was saved from, CLIP ids from transformers' tokenizer, counts worked out by hand."""
 import base64
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from transformers import CLIPTokenizer
 
+import bench
 import evaluate as ev
 from fusion import DEFAULT_SYSTEM_PROMPT, TokenSpace, TokenSpaceConfig, collate
 from model import FusedVLM, FusedVLMConfig, Llama, ViT, save_checkpoint
@@ -27,7 +28,7 @@ from model import FusedVLM, FusedVLMConfig, Llama, ViT, save_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 SYNTH = ["SYNTH_YORN", "SYNTH_MCQ", "SYNTH_VQA", "SYNTH_CAPTION"]
 N_BENCH = 6  # rows per benchmark (conftest's synthetic_world); batch_size 4 makes one full and one left-padded batch of 2
-# SPEC section 6: the metric names each benchmark family reports
+# the metric names each benchmark family must report (those the paper plots)
 SPEC_METRICS = {"SYNTH_YORN": {"Overall", "acc", "precision", "recall"}, "SYNTH_MCQ": {"Overall"},
                 "SYNTH_VQA": {"Overall"}, "SYNTH_CAPTION": {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"}}
 
@@ -223,9 +224,10 @@ def test_drop_question_removes_the_question_from_the_fused_input_only(world, che
     assert (tmp_path / "VQ_nl16" / "predictions_SYNTH_YORN.jsonl").exists()
 
 
-def test_bench_mode_prints_prefill_and_decode_speeds(checkpoints, capsys):
-    ev.main(["--bench=True", f"--ckpt={checkpoints['ck4'][0]}", "--batch_size=2", "--bench_new_tokens=4",
-             "--bench_repeats=1", "--bench_question_len=8"])
+def test_bench_generate_mode_prints_prefill_and_decode_speeds(checkpoints, capsys):
+    cfg = bench.Config(mode="generate", ckpt=checkpoints["ck4"][0], gen_batch_size=2, gen_new_tokens=4, repeats=1,
+                       gen_question_len=8)
+    bench.bench_generate(cfg, torch.device("cpu"))
     printed = capsys.readouterr().out
     # LLM prompt: 44 template tokens + n_l = 4 slots + 8 question tokens + 4 for [/INST]; crops: 1 + num_crops 2
     assert "batch 2, 3 crops and n_l=4 per sample, LLM prompt 60 tokens, 4 new tokens" in printed
