@@ -157,7 +157,6 @@ def claim_run_dir(run_dir, settings):
         json.dump(settings, f, indent=1)
 
 
-
 def shuffle_images(rows):
     """The image ablation: every row is shown another row's image. The distinct images of the file (rows may share
     one: MME's two questions, POPE's six) are put in a fixed shuffled order and each is replaced by the next one
@@ -326,7 +325,8 @@ def evaluate_checkpoints(cfg, device, rank, world_size):
             if rank == 0:  # an interrupted run's predictions, and its ranks' leftovers, into one file first
                 merge_predictions(predictions_path, name, all_rows, cfg.kind)
             barrier(world_size)
-            done = read_predictions(predictions_path) if os.path.exists(predictions_path) else {}
+            done = (read_prediction_records(predictions_path, allow_empty=True)  # empty: killed before a line
+                    if os.path.exists(predictions_path) else {})
             todo = [row for row in rows if row.index not in done]
             several = sum(len(row.images_b64) > 1 for row in rows)
             log(f"{tag} {name}: {len(rows)} rows, {len(rows) - len(todo)} already in {predictions_path}, "

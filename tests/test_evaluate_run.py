@@ -189,9 +189,10 @@ def test_resume_generates_only_the_missing_rows(world, checkpoints, sweep, tmp_p
     full = path.read_text().splitlines(keepends=True)
     kept = [json.dumps({**json.loads(full[0]), "prediction": "KEPT"}) + "\n", full[1]]
     path.write_text("".join(kept) + full[2][:len(full[2]) // 2])  # killed in the middle of writing row 3
+    (tmp_path / "VQQ_nl16" / "predictions_SYNTH_VQA.jsonl").write_text("")  # killed before its first line
     spy = GenerateSpy(monkeypatch)
     ev.main(evaluate_argv(world, tmp_path, [checkpoints["ck16"][0]]))
-    assert spy.rows() == N_BENCH - 2  # the other three benchmarks were complete
+    assert spy.rows() == N_BENCH - 2 + N_BENCH  # the other two benchmarks were complete
     resumed = {line["index"]: line for line in jsonl(path)}
     originals = {line["index"]: line for line in map(json.loads, full)}
     assert resumed[json.loads(full[0])["index"]]["prediction"] == "KEPT"
@@ -200,7 +201,7 @@ def test_resume_generates_only_the_missing_rows(world, checkpoints, sweep, tmp_p
     assert {r["benchmark"] for r in results(tmp_path)} == set(SYNTH)
     before = (tmp_path / "results.csv").read_text()
     ev.main(evaluate_argv(world, tmp_path, [checkpoints["ck16"][0]]))  # all done: nothing generated or scored again
-    assert spy.rows() == N_BENCH - 2 and (tmp_path / "results.csv").read_text() == before
+    assert spy.rows() == 2 * N_BENCH - 2 and (tmp_path / "results.csv").read_text() == before
 
 
 def test_drop_question_removes_the_question_from_the_fused_input_only(world, checkpoints, tmp_path, monkeypatch):
