@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SYNTH = ["SYNTH_YORN", "SYNTH_MCQ", "SYNTH_VQA", "SYNTH_CAPTION"]
 N_BENCH = 6  # rows per benchmark (conftest's synthetic_world); batch_size 4 makes one full and one left-padded batch of 2
 # the metric names each benchmark family must report (those the paper plots)
-SPEC_METRICS = {"SYNTH_YORN": {"Overall", "acc", "precision", "recall"}, "SYNTH_MCQ": {"Overall"},
+REQUIRED_METRICS = {"SYNTH_YORN": {"Overall", "acc", "precision", "recall"}, "SYNTH_MCQ": {"Overall"},
                 "SYNTH_VQA": {"Overall"}, "SYNTH_CAPTION": {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"}}
 
 
@@ -132,7 +132,7 @@ def test_sweep_writes_every_prediction_and_one_results_block_per_checkpoint(worl
     for ckpt, n_l in ((ck16, "16"), (ck4, "4")):
         for name in SYNTH:
             block = [r for r in rows if r["ckpt"] == ckpt and r["benchmark"] == name]
-            assert SPEC_METRICS[name] <= {r["metric"] for r in block}
+            assert REQUIRED_METRICS[name] <= {r["metric"] for r in block}
             labels = {(r["variant"], r["n_l"], r["n_s"], r["n_samples"]) for r in block}
             assert labels == {("VQQ", n_l, "4", str(N_BENCH))}
     # progress: a line per batch with speeds (2 batches per benchmark and checkpoint), a total at the end
