@@ -1,29 +1,38 @@
 #!/usr/bin/env bash
-# The paper's whole protocol in miniature, on CPU (about 20 minutes on 2 cores), on the synthetic grid world:
-#   data -> stage 0: pre-train the tiny LLM on text alone (frozen afterwards, as Llama-2 in the paper) and the tiny
-#           CLIP on image-caption pairs (the paper starts from a pre-trained CLIP too)
+# The paper's whole protocol in miniature, on CPU (about 20 minutes on 2 cores), on the synthetic grid world
+# (data/synthetic/prepare.py), each stage checked before the next one runs:
+#   data -> stage 0: pre-train the tiny LLM to answer from the scene written in words (frozen afterwards, as Llama-2
+#           in the paper) and the tiny CLIP on images and their scenes in words
+#           GATE 1: the LLM reads its context (greedy exact match with the scene >= GATE_LLM %, and GATE_GAP points
+#           above the same questions without it)
 #        -> stage 1: alignment -> stage 2: a base model at n_l = BASE_NL
+#           GATE 2: the model reads its images (SYNTH_VQA with the right images >= GATE_GAP points above the same
+#           model shown other rows' images, evaluate.py --image_ablation=shuffle)
 #        -> stage 3: one fine-tune per n_l on the same 10% of the data, with the question fused (VQQ) and without
-#           it (VQ-ft) -> every fine-tune on the 4 synthetic benchmarks -> results.csv -> scaling_fit.py.
+#           it (VQ-ft) -> every fine-tune on the 4 synthetic benchmarks, VQQ also with shuffled images
+#           -> results.csv -> scaling_fit.py -> the paper's two findings checked against stated targets.
 #     bash reproduce_tiny.sh
-# The sizes below can be set from the environment (tests/test_reproduce_tiny.py runs a seconds-long version).
-# Two processes run at once where the stages allow it, each on one thread: on 2 cores that is faster than one
-# process on two threads, and much faster when other jobs share the cores.
+# The sizes below can be set from the environment (tests/test_reproduce_tiny.py runs a seconds-long version with the
+# gates off). Two processes run at once where the stages allow it, each on one thread: on 2 cores that is faster
+# than one process on two threads.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 OUT=${TINY_OUT:-out/tiny-repro}             # data, checkpoints, predictions, logs
-RESULTS=${TINY_RESULTS:-results/tiny}      # results.csv, fits.csv, fits_all_metrics.csv, scaling_fit.png, difference.png
+RESULTS=${TINY_RESULTS:-results/tiny}      # results.csv, fits.csv, fits_all_metrics.csv, targets.txt, figures
 NL=${TINY_NL:-"1 2 4 8 16 32 64"}          # the stage-3 sweep; n_s = min(n_l, 4)
 BASE_NL=${TINY_BASE_NL:-64}                # stages 1 and 2 (the paper: 256 / 8)
-N_TRAIN=${TINY_TRAIN:-2000}                # training conversations (stage 3 uses 10% of them)
+N_TRAIN=${TINY_TRAIN:-10000}               # training conversations (stage 3 uses 10% of them)
 N_BENCH=${TINY_BENCH:-150}                 # rows per benchmark
-LM_STEPS=${TINY_LM_STEPS:-400}             # stage 0, the LLM
-LM_BATCH=${TINY_LM_BATCH:-32}              # conversations per LLM step
-CLIP_STEPS=${TINY_CLIP_STEPS:-600}         # stage 0, CLIP, 64 image-caption pairs per step
-ALIGN_STEPS=${TINY_ALIGN_STEPS:-150}       # stage 1, 16 conversations per step
-GEN_STEPS=${TINY_GEN_STEPS:-1500}          # stage 2, 16 conversations per step (12 epochs)
-FT_STEPS=${TINY_FT_STEPS:-25}              # stage 3, 16 conversations per step (2 epochs of the 10%)
+LM_STEPS=${TINY_LM_STEPS:-1000}            # stage 0, the LLM, LM_BATCH fresh conversations per step
+LM_BATCH=${TINY_LM_BATCH:-64}
+CLIP_STEPS=${TINY_CLIP_STEPS:-300}         # stage 0, CLIP, 64 fresh image-text pairs per step
+ALIGN_STEPS=${TINY_ALIGN_STEPS:-100}       # stage 1, 16 conversations per step
+GEN_STEPS=${TINY_GEN_STEPS:-1500}          # stage 2, 2 processes x GEN_BATCH conversations per step
+GEN_BATCH=${TINY_GEN_BATCH:-16}
+FT_STEPS=${TINY_FT_STEPS:-60}              # stage 3, 16 conversations per step
+GATE_LLM=${TINY_GATE_LLM:-80}              # gate 1: % exact match with the scene in words
+GATE_GAP=${TINY_GATE_GAP:-20}              # gates 1 and 2: points above the blind / shuffled-image baseline
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 
@@ -40,14 +49,29 @@ run() {  # run LOG COMMAND...: output to LOG; on failure show its end and fail
   local log=$1; shift
   "$@" > "$log" 2>&1 || { echo "FAILED: $* (last lines of $log:)"; tail -n 20 "$log"; return 1; }
 }
+gate() {  # gate NAME MEASURED MINIMUM: print the measurement; stop the run when it falls short
+  if $PYTHON -c "import sys; sys.exit(not float('$2') >= float('$3'))"; then
+    progress "GATE $1: $2 >= $3, passed"
+  else
+    progress "GATE $1: $2 < $3, FAILED: the next stage would learn nothing from this one"; exit 1
+  fi
+}
 n_s_of() { echo $(( $1 < 4 ? $1 : 4 )); }
-# config/tiny.py holds the tiny model and token space; CLIP and the frozen LLM are the ones stage 0 writes
-TINY=(config/tiny.py --data_dir="$D" --clip_path="$D/clip-pretrained" --llama_path="$D/llama-lm" --log_interval=25)
+# config/tiny.py holds the tiny model and token space; CLIP and the frozen LLM are the ones stage 0 writes. The
+# miniature's images are 112 px: the global view alone (num_crops 0) shows every cell at the ViT's resolution.
+TINY=(config/tiny.py --data_dir="$D" --clip_path="$D/clip-pretrained" --llama_path="$D/llama-lm" --num_crops=0
+      --log_interval=50)
+# a fresh bridge at std 1e-3 (the paper's default) let stage 2 settle on a constant soft prompt at this scale
+GEN=(--bridge_init_std=0.02)
+score() {  # score RESULTS_CSV VARIANT BENCHMARK METRIC N_L: one number of an evaluate.py results.csv
+  $PYTHON -c "import csv, sys; print(next(r['score'] for r in csv.DictReader(open(sys.argv[1])) if
+    (r['variant'], r['benchmark'], r['metric'], r['n_l']) == tuple(sys.argv[2:])))" "$@"
+}
 
 progress "data: $N_TRAIN training conversations, 4 benchmarks x $N_BENCH rows"
-run "$LOGS/prepare.log" $PYTHON data/synthetic/prepare.py --out_dir="$D" --n_train="$N_TRAIN" --n_val=$(( N_TRAIN / 10 )) --n_bench="$N_BENCH"
+run "$LOGS/prepare.log" $PYTHON data/synthetic/prepare.py --out_dir="$D" --n_train="$N_TRAIN" --n_val=$(( N_TRAIN / 50 )) --n_bench="$N_BENCH"
 
-progress "stage 0: LLM on text ($LM_STEPS steps), at once with CLIP on images and captions ($CLIP_STEPS steps), then stage 1 (alignment, $ALIGN_STEPS steps)"
+progress "stage 0: LLM ($LM_STEPS steps), at once with CLIP ($CLIP_STEPS steps), then stage 1 (alignment, $ALIGN_STEPS steps)"
 run "$LOGS/stage0_llm.log" $PYTHON data/synthetic/pretrain_llm.py --data_dir="$D" --llama_path="$D/llama" \
     --out_dir="$D/llama-lm" --max_iters="$LM_STEPS" --batch_size="$LM_BATCH" & stage0=$!
 run "$LOGS/stage0_clip.log" $PYTHON data/synthetic/pretrain_clip.py --data_dir="$D" --out_dir="$D/clip-pretrained" \
@@ -58,30 +82,47 @@ run "$LOGS/stage1_align.log" $PYTHON train_align.py "${TINY[@]}" --llama_path="$
     --n_l="$BASE_NL" --n_s="$(n_s_of "$BASE_NL")" --max_iters="$ALIGN_STEPS"
 grep "^step $ALIGN_STEPS/" "$LOGS/stage1_align.log"
 wait $stage0
-grep "val answer loss" "$LOGS/stage0_llm.log"
+grep "^exact match" "$LOGS/stage0_llm.log"
+with=$(tail -n 1 "$LOGS/stage0_llm.log" | $PYTHON -c "import json, sys; print(100 * json.load(sys.stdin)['with_scene']['short_answers'])")
+without=$(tail -n 1 "$LOGS/stage0_llm.log" | $PYTHON -c "import json, sys; print(100 * json.load(sys.stdin)['without_scene']['short_answers'])")
+gate "1a, the LLM answers from the scene in words (% exact match)" "$with" "$GATE_LLM"
+gate "1b, ... and not from the answers' prior (points above the same questions without the scene)" \
+    "$($PYTHON -c "print($with - $without)")" "$GATE_GAP"
 
 progress "stage 2 (base model, n_l=$BASE_NL, $GEN_STEPS steps, 2 processes)"
-# torchrun: 2 ranks x 8 conversations = the same steps as one process with batch 8 x 2 accumulation (config/tiny.py)
-run "$LOGS/stage2_gen.log" $PYTHON -m torch.distributed.run --standalone --nproc_per_node=2 train_gen.py "${TINY[@]}" \
+run "$LOGS/stage2_gen.log" $PYTHON -m torch.distributed.run --standalone --nproc_per_node=2 train_gen.py "${TINY[@]}" "${GEN[@]}" \
     --out_dir="$OUT/gen" --init_from="$OUT/align/ckpt.safetensors" --n_l="$BASE_NL" --n_s="$(n_s_of "$BASE_NL")" \
-    --max_iters="$GEN_STEPS" --batch_size=8 --grad_accum=1
+    --max_iters="$GEN_STEPS" --batch_size="$GEN_BATCH" --grad_accum=1
 grep "^step $GEN_STEPS/" "$LOGS/stage2_gen.log"
+for ablation in "" shuffle; do
+  run "$LOGS/gate2_$ablation.log" $PYTHON evaluate.py --ckpt="$OUT/gen" --benchmarks=SYNTH_VQA --bench_dir="$D/bench" \
+      --out_dir="$OUT/eval-gen" --variant=base --image_ablation="$ablation"
+done
+right=$(score "$OUT/eval-gen/results.csv" base SYNTH_VQA Overall "$BASE_NL")
+shuffled=$(score "$OUT/eval-gen/results.csv" base-shuffled SYNTH_VQA Overall "$BASE_NL")
+progress "stage 2 on SYNTH_VQA: $right with the right images, $shuffled with shuffled ones"
+gate "2, the model reads its images (points above shuffled images, SYNTH_VQA)" \
+    "$($PYTHON -c "print($right - $shuffled)")" "$GATE_GAP"
 
-sweep() {  # sweep VARIANT DROP_QUESTION: stage 3 for every n_l, then all of them on the benchmarks
-  local variant=$1 drop=$2 ckpts=() n
+BENCHMARKS=SYNTH_YORN,SYNTH_MCQ,SYNTH_VQA,SYNTH_CAPTION
+sweep() {  # sweep VARIANT DROP_QUESTION [IMAGE_ABLATION...]: stage 3 for every n_l, then all of them on the benchmarks
+  local variant=$1 drop=$2 ckpts=() n ablation
+  shift 2
   for n in $NL; do
-    run "$LOGS/stage3_${variant}_nl$n.log" $PYTHON train_gen.py "${TINY[@]}" --out_dir="$OUT/ft-$variant-$n" \
+    run "$LOGS/stage3_${variant}_nl$n.log" $PYTHON train_gen.py "${TINY[@]}" "${GEN[@]}" --out_dir="$OUT/ft-$variant-$n" \
         --init_from="$OUT/gen/ckpt.safetensors" --data_fraction=0.1 --max_iters="$FT_STEPS" \
         --n_l="$n" --n_s="$(n_s_of "$n")" --drop_question="$drop"
     progress "  stage 3 $variant n_l=$n: $(grep "^step $FT_STEPS/" "$LOGS/stage3_${variant}_nl$n.log" | cut -d'|' -f2)"
     ckpts+=("$OUT/ft-$variant-$n")
   done
-  run "$LOGS/eval_$variant.log" $PYTHON evaluate.py --ckpt="$(IFS=,; echo "${ckpts[*]}")" \
-      --benchmarks=SYNTH_YORN,SYNTH_MCQ,SYNTH_VQA,SYNTH_CAPTION --bench_dir="$D/bench" --out_dir="$OUT/eval-$variant"
-  progress "  evaluated $variant: $(tail -n 1 "$LOGS/eval_$variant.log")"
+  for ablation in "" "$@"; do
+    run "$LOGS/eval_$variant$ablation.log" $PYTHON evaluate.py --ckpt="$(IFS=,; echo "${ckpts[*]}")" \
+        --benchmarks=$BENCHMARKS --bench_dir="$D/bench" --out_dir="$OUT/eval-$variant" --image_ablation="$ablation"
+    progress "  evaluated $variant ${ablation:+($ablation images)}: $(tail -n 1 "$LOGS/eval_$variant$ablation.log")"
+  done
 }
 progress "stage 3 (n_l in $NL, 10% of the data, $FT_STEPS steps each) and evaluation: VQQ and VQ-ft at once"
-sweep VQQ False & vqq=$!
+sweep VQQ False shuffle & vqq=$!
 sweep VQ-ft True & vqft=$!
 wait $vqq
 wait $vqft
@@ -89,11 +130,12 @@ wait $vqft
 progress "results and scaling fit -> $RESULTS"
 { cat "$OUT/eval-VQQ/results.csv"; tail -n +2 "$OUT/eval-VQ-ft/results.csv"; } > "$RESULTS/results.csv"
 # zero scores cannot enter a log-space fit: they are skipped and listed in the log
-run "$LOGS/scaling_fit.log" $PYTHON scaling_fit.py "$RESULTS/results.csv" --variants=VQQ,VQ-ft --out_dir="$RESULTS" \
-    --skip_bad=True
+run "$LOGS/scaling_fit.log" $PYTHON scaling_fit.py "$RESULTS/results.csv" --variants=VQQ,VQ-ft,VQQ-shuffled \
+    --out_dir="$RESULTS" --skip_bad=True
 cat "$LOGS/scaling_fit.log"
 # every metric, the question types (category:*) too: which kinds of question gain from more tokens
-run "$LOGS/scaling_fit_all.log" $PYTHON scaling_fit.py "$RESULTS/results.csv" --variants=VQQ,VQ-ft --metrics=all \
-    --skip_bad=True --out_dir="$OUT/fit-all-metrics"
+run "$LOGS/scaling_fit_all.log" $PYTHON scaling_fit.py "$RESULTS/results.csv" --variants=VQQ,VQ-ft,VQQ-shuffled \
+    --metrics=all --skip_bad=True --out_dir="$OUT/fit-all-metrics"
 cp "$OUT/fit-all-metrics/fits.csv" "$RESULTS/fits_all_metrics.csv"
+$PYTHON data/synthetic/targets.py "$RESULTS" --nl="$NL" | tee "$RESULTS/targets.txt"
 progress "done"

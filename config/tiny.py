@@ -21,8 +21,8 @@ num_crops = 4
 n_l = 16
 n_s = 4
 max_seq_len = 1024
-# a 2-layer fused model at the tiny ViT's width (64)
+# a 2-layer fused model at the tiny ViT's width (128)
 fused_layers = 2
 fused_heads = 4
-fused_mlp = 128
+fused_mlp = 256
 dtype = "float32"
