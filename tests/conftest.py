@@ -47,10 +47,12 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def synthetic_world(tmp_path_factory):
-    """A tiny data/synthetic/prepare.py output: 16 training conversations, 6 rows per benchmark, tiny CLIP and Llama."""
+    """A tiny data/synthetic/prepare.py output: 16 training conversations, 6 rows per benchmark, tiny CLIP and Llama.
+    Llama's vocabulary is prepare.py's 512: on this little text a smaller one leaves words such as "red" in pieces,
+    which the full-size run never does (and stage 0's gate budgets its answers' tokens for whole words)."""
     out = tmp_path_factory.mktemp("synthetic")
     prepare = load_prepare()
-    prepare.main(prepare.Config(out_dir=str(out), n_train=16, n_val=2, n_bench=6, llama_vocab_size=400, clip_merges=300))
+    prepare.main(prepare.Config(out_dir=str(out), n_train=16, n_val=2, n_bench=6, llama_vocab_size=512, clip_merges=300))
     return out
 
 

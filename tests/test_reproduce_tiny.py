@@ -1,4 +1,6 @@
-"""The tiny reproduction: stage 0's saved LLM against transformers, and reproduce_tiny.sh end to end at CI size."""
+"""The tiny reproduction: stage 0 (the LLM's sequence layout, its gate's scoring, the saved LLM against transformers, the
+CLIP pairs and the saved CLIP) and reproduce_tiny.sh end to end at CI size."""
+import collections
 import csv
 import json
 import os
@@ -17,6 +19,7 @@ sys.path.insert(0, str(ROOT / "data" / "synthetic"))
 
 import pretrain_clip  # noqa: E402
 import pretrain_llm  # noqa: E402
+from conftest import SYSTEM_PROMPT  # noqa: E402
 from model import ViT, Llama  # noqa: E402
 
 
@@ -46,33 +49,94 @@ def test_pretrained_llm_loads_in_transformers_with_equal_logits(world, tmp_path)
     assert (reference - start).abs().max() > 1e-2  # the saved weights are the trained ones, not the random start
 
 
-def test_pretraining_text_is_stage_two_layout_with_the_scene_in_words(world):
-    """A conversation with a "describe" turn: its answer is the scene description, so the data file itself says what
-    stage 0 must put where the vision slots go."""
-    from fusion import IGNORE, TokenSpace, TokenSpaceConfig
+LETTERS = "ABCDEFGHIJKLMNOP"
 
-    token_space = TokenSpace(TokenSpaceConfig(clip_path=str(world / "clip"), llama_path=str(world / "llama"),
-                                              n_l=1, n_s=1))
-    texts = pretrain_llm.read_conversations(world / "train.jsonl", "train", token_space, data_seed=0)
-    with open(world / "train.jsonl") as f:
-        records = [json.loads(line)["messages"] for line in f]
-    line = next(i for i, m in enumerate(records) if any(x["content"] == "Describe the image in detail." for x in m))
-    messages = records[line]
-    scene = next(m["content"] for q, m in zip(messages[::2], messages[1::2]) if q["content"] == "Describe the image in detail.")
-    sp, system = token_space.sp, token_space.cfg.system_prompt
-    ids, labels = [], []
-    for i in range(0, len(messages), 2):
-        head = [1] + sp.encode(f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n") + sp.encode(scene) if i == 0 \
-            else [1] + sp.encode("[INST]")
-        prompt = head + sp.encode(messages[i]["content"]) + sp.encode("[/INST]")
-        answer = sp.encode(messages[i + 1]["content"] + " ") + [2]
-        ids += prompt + answer
-        labels += [IGNORE] * len(prompt) + answer
-    assert texts[line] == (ids, labels)
-    blind = pretrain_llm.read_conversations(world / "train.jsonl", "train", token_space, data_seed=0, with_scene=False)
-    assert len(blind[line][0]) == len(ids) - len(sp.encode(scene))
-    with pytest.raises(ValueError, match="line 1: replaying prepare.py"):
-        pretrain_llm.read_conversations(world / "train.jsonl", "train", token_space, data_seed=1)
+
+@pytest.fixture(scope="module")
+def token_space(world):
+    from fusion import TokenSpace, TokenSpaceConfig
+
+    return TokenSpace(TokenSpaceConfig(clip_path=str(world / "clip"), llama_path=str(world / "llama"), n_l=1, n_s=1))
+
+
+def hand_prompt(sp, index, scene_text, question):
+    """Stage 2's prompt of turn `index` by hand (Llama-2 chat template, each piece tokenized on its own), the scene
+    in words where the vision slots go in the first turn."""
+    head = [1] + sp.encode(f"[INST] <<SYS>>\n{SYSTEM_PROMPT}\n<</SYS>>\n\n") + (sp.encode(scene_text) if scene_text else []) \
+        if index == 0 else [1] + sp.encode("[INST]")
+    return head + sp.encode(question) + sp.encode("[/INST]")
+
+
+def test_layout_is_stage_two_sequence_with_the_scene_in_words(token_space):
+    from fusion import IGNORE
+
+    sp = token_space.sp
+    scene = ("red", "empty", "blue", "green") * 4
+    words = " ".join(f"{letter} {value}" for letter, value in zip(LETTERS, scene))
+    messages = [{"role": "user", "content": "What colour is cell C?"}, {"role": "assistant", "content": "blue"},
+                {"role": "user", "content": "What is in row 2?"},
+                {"role": "assistant", "content": "E red F empty G blue H green"}]
+    for scene_text in (words, "B empty K blue", ""):  # the whole scene, a listed subset, none (the gate's blind run)
+        ids, labels = [], []
+        for i in range(0, len(messages), 2):
+            prompt = hand_prompt(sp, i // 2, scene_text, messages[i]["content"])
+            answer = sp.encode(messages[i + 1]["content"] + " ") + [2]
+            ids += prompt + answer
+            labels += [IGNORE] * len(prompt) + answer
+        assert pretrain_llm.layout(token_space, messages, scene_text) == (ids, labels)
+    # a generation prompt: ends after [/INST], nothing to learn
+    prompt = hand_prompt(sp, 0, words, "Is cell A red?")
+    got = pretrain_llm.layout(token_space, [{"content": "Is cell A red?"}, {"content": None}], words)
+    assert got == (prompt, [IGNORE] * len(prompt))
+
+
+def test_batch_of_shifts_labels_and_pads():
+    from fusion import IGNORE
+
+    inputs, targets = pretrain_llm.batch_of([([1, 5, 6, 2], [IGNORE, IGNORE, 6, 2]), ([1, 7, 2], [IGNORE, 7, 2])])
+    assert inputs.tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert targets.tolist() == [[IGNORE, 6, 2], [7, 2, IGNORE]]
+
+
+class PlantedLLM:
+    """Stands in for model.Llama in exact_match: looks each left-padded prompt up in `answers` (prompt -> its
+    answers in order; a KeyError if the prompt is not the one built by hand) and emits what a trained LLM would (the
+    answer's tokens with the trailing space it was trained on, then </s>), cut at max_new_tokens, rows padded with
+    </s> as Llama.generate does."""
+
+    def __init__(self, sp, questions, prompt, planted):
+        self.sp, self.answers = sp, collections.defaultdict(list)
+        for i, (scene, _, question, answer) in enumerate(questions):
+            self.answers[prompt(scene, question)].append(planted(i, answer))
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id):
+        rows = [(self.sp.encode(self.answers[tuple(ids[mask].tolist())].pop(0) + " ") + [eos_token_id])[:max_new_tokens]
+                for ids, mask in zip(input_ids, attention_mask)]
+        return torch.tensor([row + [eos_token_id] * (max(map(len, rows)) - len(row)) for row in rows])
+
+
+def test_exact_match_scores_planted_answers(token_space):
+    sp = token_space.sp
+    questions = pretrain_llm.gate_questions(12, seed=0)  # cell, check, row in rotation: 4 each
+    assert [c for _, c, _, _ in questions] == ["cell", "check", "row"] * 4
+
+    def with_scene(scene, question):
+        words = " ".join(f"{letter} {value}" for letter, value in zip(LETTERS, scene))
+        return tuple(hand_prompt(sp, 0, words, question))
+
+    def blind(scene, question):
+        return tuple(hand_prompt(sp, 0, "", question))
+
+    # right on the even-numbered questions (2 of each category's 4), a wrong answer on the others
+    llm = PlantedLLM(sp, questions, with_scene, lambda i, answer: answer if i % 2 == 0 else f"not {answer}")
+    scores = pretrain_llm.exact_match(llm, token_space, questions, with_scene=True, batch_size=5)
+    assert scores == {"cell": 0.5, "check": 0.5, "row": 0.5, "short_answers": 0.5}
+    llm = PlantedLLM(sp, questions, blind, lambda i, answer: answer)
+    scores = pretrain_llm.exact_match(llm, token_space, questions, with_scene=False)
+    assert scores == {"cell": 1.0, "check": 1.0, "row": 1.0, "short_answers": 1.0}
+    llm = PlantedLLM(sp, questions, blind, lambda i, answer: "purple" if answer != "purple" else "red")
+    scores = pretrain_llm.exact_match(llm, token_space, questions, with_scene=False)
+    assert scores == {"cell": 0.0, "check": 0.0, "row": 0.0, "short_answers": 0.0}
 
 
 def test_pretrained_clip_is_an_hf_clip_our_vit_reads(world, tmp_path):
@@ -93,22 +157,20 @@ def test_pretrained_clip_is_an_hf_clip_our_vit_reads(world, tmp_path):
     assert (reference - before).abs().max() > 1e-3  # trained weights were saved
 
 
-def test_clip_pairs_are_the_images_and_their_captions(world):
-    """Every caption turn of train.jsonl answers with one of its image's 5 phrasings: the replayed pairs must agree."""
-    views, texts = pretrain_clip.read_pairs(str(world), data_seed=0, image_size=112)
-    with open(world / "train.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    assert views.shape == (len(records), 3, 112, 112) and len(texts) == len(records)
-    checked = 0
-    for record, phrasings in zip(records, texts):
-        messages = record["messages"]
-        for question, answer in zip(messages[::2], messages[1::2]):
-            if question["content"].startswith("Please describe this image in general."):
-                assert answer["content"] in phrasings
-                checked += 1
-    assert checked > 0
-    with pytest.raises(ValueError, match="line 1: replaying prepare.py"):
-        pretrain_clip.read_pairs(str(world), data_seed=1, image_size=112)
+def test_clip_pairs_are_the_images_and_their_scenes_in_words():
+    """Each global view, read back to pixels at the cell centres (14 + 28 k px), shows what its text says."""
+    import random
+
+    from fusion import CLIP_MEAN, CLIP_STD
+    from prepare import BACKGROUND, COLOURS
+
+    name_of = {rgb: name for name, rgb in COLOURS.items()} | {BACKGROUND: "empty"}
+    views, texts = pretrain_clip.pairs(random.Random(0), 6, 112)
+    assert views.shape == (6, 3, 112, 112) and len(texts) == 6 and len(set(texts)) == 6
+    pixels = ((views * CLIP_STD + CLIP_MEAN) * 255).round().clamp(0, 255).to(torch.uint8)
+    for view, text in zip(pixels, texts):
+        cells = [name_of[tuple(view[:, 14 + 28 * r, 14 + 28 * c].tolist())] for r in range(4) for c in range(4)]
+        assert text == " ".join(f"{letter} {value}" for letter, value in zip(LETTERS, cells))
 
 
 CI_NL = (1, 2, 4)  # a fit needs 3 distinct n_l
