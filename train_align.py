@@ -42,13 +42,12 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import parse_config
 from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, step_batches
 from model import AlignModel, CLIPText, FusedVLMConfig, ViT, load_trainable, peak_flops
-from training import (StepLog, all_reduce, checkpoint_meta, claim_out_dir, clip_gradients, configure_optimizer,
-                      cosine_lr, gradient_sync, read_resumable, require_paths, restore_training_state,
-                      save_training_checkpoint, seed_everything, set_lr, shard, trained_weights, val_batches,
-                      wrap_blocks, write_metrics)
+from training import (StepLog, all_reduce, check_inputs, checkpoint_meta, claim_out_dir, clip_gradients,
+                      configure_optimizer, cosine_lr, epoch_steps, gradient_sync, read_config, read_resumable,
+                      restore_training_state, save_training_checkpoint, seed_everything, set_lr, shard,
+                      trained_weights, val_batches, wrap_blocks, write_metrics)
 
 
 @dataclass
@@ -57,13 +56,13 @@ class Config:
     out_dir: str = "out/align"
     data_dir: str = "data/llava/out"  # holds train_file; the image paths in it are relative to data_dir
     train_file: str = "train.jsonl"
-    val_file: str = ""  # in data_dir, like train_file; empty: no validation loss
-    eval_interval: int = 200  # steps between validation losses (and one at the end)
     clip_path: str = "weights/CLIP-ViT-H-14-laion2B-s32B-b79K"  # vision trunk, text tower, BPE vocabulary
     llama_path: str = "weights/Llama-2-7b-chat-hf"  # only its tokenizer.model: the LLM layout decides what fits
     skip_bad: bool = False  # count and skip malformed JSONL lines instead of stopping at the first
     resume: bool = False  # continue out_dir/ckpt.safetensors exactly
     stop_at_step: int = 0  # end this run early (with a checkpoint) at this step, e.g. for a job time limit
+    val_file: str = ""  # in data_dir, like train_file; empty: no validation loss
+    eval_interval: int = 200  # steps between validation losses (and one at the end)
     log_interval: int = 10
     ckpt_interval: int = 200
     seed: int = 1337  # model init and the data order
@@ -99,13 +98,7 @@ class Config:
     activation_checkpointing: bool = False  # recompute each ViT, fused and text block in the backward
 
 
-cfg, positional = parse_config(Config(), sys.argv[1:])
-if positional:
-    sys.exit(f"unexpected arguments {positional}: use --key=value")
-if cfg.dtype not in ("bfloat16", "float32"):
-    sys.exit(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
-if cfg.fsdp and "RANK" not in os.environ:
-    sys.exit("fsdp=True shards over the processes of torchrun: run torchrun --nproc_per_node=N train_align.py ...")
+cfg = read_config(Config(), sys.argv[1:], "train_align.py")
 
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
@@ -131,14 +124,8 @@ autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
 log(json.dumps(asdict(cfg), indent=1))
 log(f"device {device}, world size {world_size}")
 
-train_path = os.path.join(cfg.data_dir, cfg.train_file)  # train_file and val_file may also be absolute
-val_path = os.path.join(cfg.data_dir, cfg.val_file) if cfg.val_file else ""
-require_paths([
-    ("clip_path", cfg.clip_path, "download a CLIP checkpoint folder (config.json, model.safetensors, vocab.json, merges.txt), "
-                                 "e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K from the Hugging Face hub, and put it there"),
-    ("llama_path", cfg.llama_path, "download the Llama-2 folder with tokenizer.model, e.g. meta-llama/Llama-2-7b-chat-hf, and put it there"),
-    ("train_file", train_path, "download the data set and write our JSONL there with data/<name>/prepare.py"),
-    *([("val_file", val_path, "write a held-out JSONL there, as for train_file")] if val_path else [])])
+train_path, val_path = check_inputs(cfg, "download the Llama-2 folder with tokenizer.model, e.g. "
+                                         "meta-llama/Llama-2-7b-chat-hf, and put it there")
 ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, master)
 
 # -----------------------------------------------------------------------------
@@ -150,12 +137,7 @@ token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cf
 dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
 log(dataset.summary())
 global_batch = cfg.batch_size * cfg.grad_accum * world_size
-steps_per_epoch = len(dataset) // global_batch
-if steps_per_epoch == 0:
-    sys.exit(f"{len(dataset)} samples do not fill one global batch of {global_batch}: lower batch_size or grad_accum")
-log(f"global batch {global_batch} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} processes; "
-    f"{steps_per_epoch} steps per epoch; each epoch leaves out {len(dataset) - steps_per_epoch * global_batch} samples "
-    f"(a different random set every epoch)")
+steps_per_epoch = epoch_steps(len(dataset), cfg.batch_size, cfg.grad_accum, world_size, log)
 if val_path:
     val_set = ConversationDataset(val_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
     log(f"validation: {val_set.summary()}")
@@ -176,10 +158,8 @@ raw_model.vision.vit.load_state_dict(vit.state_dict())
 raw_model.text.load_state_dict(text.state_dict())
 del vit, text
 if cfg.resume:
-    resumed, resumed_meta, changed = read_resumable(ckpt_path, "align", model_cfg, cfg, ("seed", "batch_size", "grad_accum"),
-                                                    world_size)
-    if changed:
-        log(f"resuming with changed settings (checkpoint, now): {changed}")
+    resumed, resumed_meta = read_resumable(ckpt_path, "align", model_cfg, cfg, ("seed", "batch_size", "grad_accum"),
+                                           world_size, log)
     load_trainable(raw_model, trained_weights(resumed), ckpt_path)
 blocks = [*raw_model.vision.vit.layers, *raw_model.fused.layers, *raw_model.text.layers]
 wrap_blocks(blocks, cfg.activation_checkpointing, cfg.compile)
@@ -194,9 +174,8 @@ log(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M trainable para
     f"{f', sharded over {world_size} processes' if cfg.fsdp else ''}")
 
 optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
-start_step = restore_training_state(resumed, resumed_meta, raw_model, optimizer, rank, device) if cfg.resume else 0
-if cfg.resume:
-    log(f"resumed from {ckpt_path} at step {start_step}")
+start_step = (restore_training_state(ckpt_path, resumed, resumed_meta, raw_model, optimizer, rank, device, log)
+              if cfg.resume else 0)
 
 
 def save(step):

@@ -41,11 +41,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import parse_config
 from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, step_batches, synthetic_batch
 from model import FusedVLM, FusedVLMConfig, Llama, ViT, load_checkpoint, load_trainable, peak_flops
-from training import (StepLog, all_reduce, checkpoint_meta, claim_out_dir, clip_gradients, config_diff,
-                      configure_optimizer, cosine_lr, gradient_sync, read_resumable, require_paths,
+from training import (StepLog, all_reduce, check_inputs, checkpoint_meta, claim_out_dir, clip_gradients, config_diff,
+                      configure_optimizer, cosine_lr, epoch_steps, gradient_sync, read_config, read_resumable,
                       restore_training_state, save_training_checkpoint, seed_everything, set_lr, shard,
                       supervised_tokens, trained_weights, val_batches, wrap_blocks, write_metrics)
 
@@ -59,8 +58,6 @@ class Config:
     out_dir: str = "out/gen"
     data_dir: str = "data/llava/out"  # holds train_file; the image paths in it are relative to data_dir
     train_file: str = "train.jsonl"
-    val_file: str = ""  # in data_dir, like train_file; empty: no validation loss
-    eval_interval: int = 200  # steps between validation losses (and one at the end)
     clip_path: str = "weights/CLIP-ViT-H-14-laion2B-s32B-b79K"  # vision trunk config (+ weights without init_from), BPE
     llama_path: str = "weights/Llama-2-7b-chat-hf"  # the frozen LLM and its tokenizer.model
     init_from: str = ""  # a stage-1 or stage-2 checkpoint; empty: vision from clip_path, fused model random
@@ -72,6 +69,8 @@ class Config:
     seed: int = 1337  # model init (fresh parts) and the data order
     num_workers: int = 4
     data_fraction: float = 1.0
+    val_file: str = ""  # in data_dir, like train_file; empty: no validation loss
+    eval_interval: int = 200  # steps between validation losses (and one at the end)
     # token space (fusion.py)
     image_size: int = 336
     num_crops: int = 16
@@ -102,15 +101,9 @@ class Config:
     bench_steps: int = 10  # timed after BENCH_WARMUP steps; each sample has 1 + num_crops crops and n_l vision tokens
 
 
-cfg, positional = parse_config(Config(), sys.argv[1:])
-if positional:
-    sys.exit(f"unexpected arguments {positional}: use --key=value")
-if cfg.dtype not in ("bfloat16", "float32"):
-    sys.exit(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
+cfg = read_config(Config(), sys.argv[1:], "train_gen.py")
 if not 0 < cfg.data_fraction <= 1:
     sys.exit(f"data_fraction must be in (0, 1], got {cfg.data_fraction}")
-if cfg.fsdp and "RANK" not in os.environ:
-    sys.exit("fsdp=True shards over the processes of torchrun: run torchrun --nproc_per_node=N train_gen.py ...")
 
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
@@ -136,18 +129,11 @@ autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
 log(json.dumps(asdict(cfg), indent=1))
 log(f"device {device}, world size {world_size}")
 
-train_path = os.path.join(cfg.data_dir, cfg.train_file)  # train_file and val_file may also be absolute
-val_path = os.path.join(cfg.data_dir, cfg.val_file) if cfg.val_file else ""
-require_paths([
-    ("clip_path", cfg.clip_path, "download a CLIP checkpoint folder (config.json, model.safetensors, vocab.json, merges.txt), "
-                                 "e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K from the Hugging Face hub, and put it there"),
-    ("llama_path", cfg.llama_path, "download the Llama-2 folder (config.json, *.safetensors, tokenizer.model), "
-                                   "e.g. meta-llama/Llama-2-7b-chat-hf, and put it there"),
-    *([] if cfg.bench else [("train_file", train_path, "download the data set and write our JSONL there with "
-                                                     "data/<name>/prepare.py")]),
-    *([("val_file", val_path, "write a held-out JSONL there, as for train_file")] if val_path and not cfg.bench else []),
-    *([("init_from", cfg.init_from, "train the previous stage first: this is the ckpt.safetensors in its out_dir")]
-      if cfg.init_from and not cfg.resume else [])])
+train_path, val_path = check_inputs(
+    cfg, "download the Llama-2 folder (config.json, *.safetensors, tokenizer.model), e.g. meta-llama/Llama-2-7b-chat-hf, "
+         "and put it there", data=not cfg.bench,
+    more=[("init_from", cfg.init_from, "train the previous stage first: this is the ckpt.safetensors in its out_dir")]
+    if cfg.init_from and not cfg.resume else [])
 ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, master, writes=not cfg.bench)
 
 # -----------------------------------------------------------------------------
@@ -173,13 +159,9 @@ else:
         subset = np.flatnonzero(np.isin(dataset.line_numbers, chosen))
         log(f"data_fraction {cfg.data_fraction}: {len(chosen)} of {n_lines} lines chosen, {len(subset)} of them usable")
         dataset = torch.utils.data.Subset(dataset, subset.tolist())
-    steps_per_epoch = len(dataset) // global_batch
-    if steps_per_epoch == 0:
-        sys.exit(f"{len(dataset)} samples do not fill one global batch of {global_batch}: lower batch_size or grad_accum")
+    steps_per_epoch = epoch_steps(len(dataset), cfg.batch_size, cfg.grad_accum, world_size, log)
     max_iters = cfg.max_iters or cfg.epochs * steps_per_epoch
-    log(f"global batch {global_batch} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} processes; "
-        f"{steps_per_epoch} steps per epoch, {max_iters} steps; each epoch leaves out "
-        f"{len(dataset) - steps_per_epoch * global_batch} samples (a different random set every epoch)")
+    log(f"{max_iters} steps in all")
     if val_path:
         val_set = ConversationDataset(val_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
         log(f"validation: {val_set.summary()}")
@@ -206,10 +188,8 @@ raw_model = FusedVLM(model_cfg, llm=llm)
 raw_model.vision.vit = vit
 del vit, llm
 if cfg.resume:
-    resumed, resumed_meta, changed = read_resumable(ckpt_path, "gen", model_cfg, cfg,
-                                                    ("seed", "batch_size", "grad_accum", "data_fraction"), world_size)
-    if changed:
-        log(f"resuming with changed settings (checkpoint, now): {changed}")
+    resumed, resumed_meta = read_resumable(ckpt_path, "gen", model_cfg, cfg,
+                                           ("seed", "batch_size", "grad_accum", "data_fraction"), world_size, log)
     load_trainable(raw_model, trained_weights(resumed), ckpt_path)
 elif cfg.init_from:
     tensors, meta = load_checkpoint(cfg.init_from, prefix="model.")
@@ -242,9 +222,8 @@ log(f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, "
     f"{f', all sharded over {world_size} processes' if cfg.fsdp else ''}")
 
 optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
-start_step = restore_training_state(resumed, resumed_meta, raw_model, optimizer, rank, device) if cfg.resume else 0
-if cfg.resume:
-    log(f"resumed from {ckpt_path} at step {start_step}")
+start_step = (restore_training_state(ckpt_path, resumed, resumed_meta, raw_model, optimizer, rank, device, log)
+              if cfg.resume else 0)
 
 
 def save(step):

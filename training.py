@@ -36,15 +36,41 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
+from configurator import parse_config
 from fusion import IGNORE, collate
 from model import load_checkpoint, save_checkpoint, train_flops
 
 
-def require_paths(entries):
-    """entries: (config key, path, what to do if it is missing); stops at the first that does not exist."""
-    for key, path, remedy in entries:
+def read_config(config, argv, script):
+    """configurator.parse_config plus the checks both trainers share."""
+    cfg, positional = parse_config(config, argv)
+    if positional:
+        sys.exit(f"unexpected arguments {positional}: use --key=value")
+    if cfg.dtype not in ("bfloat16", "float32"):
+        sys.exit(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
+    if cfg.fsdp and "RANK" not in os.environ:
+        sys.exit(f"fsdp=True shards over the processes of torchrun: run torchrun --nproc_per_node=N {script} ...")
+    return cfg
+
+
+def check_inputs(cfg, llama_remedy, data=True, more=()):
+    """Stops at the first input folder or file that does not exist, saying what to put there; -> the paths of
+    train_file and val_file ("" without one). more: further (config key, path, remedy)."""
+    train_path = os.path.join(cfg.data_dir, cfg.train_file)  # train_file and val_file may also be absolute
+    val_path = os.path.join(cfg.data_dir, cfg.val_file) if cfg.val_file else ""
+    entries = [("clip_path", cfg.clip_path, "download a CLIP checkpoint folder (config.json, model.safetensors, "
+                                            "vocab.json, merges.txt), e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K from "
+                                            "the Hugging Face hub, and put it there"),
+               ("llama_path", cfg.llama_path, llama_remedy)]
+    if data:
+        entries.append(("train_file", train_path, "download the data set and write our JSONL there with "
+                                                  "data/<name>/prepare.py"))
+        if val_path:
+            entries.append(("val_file", val_path, "write a held-out JSONL there, as for train_file"))
+    for key, path, remedy in [*entries, *more]:
         if not os.path.exists(path):
             sys.exit(f"{key}: {path!r} does not exist: {remedy} (or pass --{key}=...)")
+    return train_path, val_path
 
 
 def claim_out_dir(out_dir, resume, master, writes=True):
@@ -58,6 +84,19 @@ def claim_out_dir(out_dir, resume, master, writes=True):
         if writes and not resume:
             open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
     return ckpt_path
+
+
+def epoch_steps(n_samples, batch_size, grad_accum, world_size, log):
+    """Optimizer steps in one pass over n_samples at a global batch of batch_size x grad_accum x world_size; stops
+    when not even one fits."""
+    global_batch = batch_size * grad_accum * world_size
+    steps = n_samples // global_batch
+    if steps == 0:
+        sys.exit(f"{n_samples} samples do not fill one global batch of {global_batch}: lower batch_size or grad_accum")
+    log(f"global batch {global_batch} = {batch_size} x {grad_accum} accumulation x {world_size} processes; {steps} "
+        f"steps per epoch; each epoch leaves out {n_samples - steps * global_batch} samples (a different random set "
+        f"every epoch)")
+    return steps
 
 
 def seed_everything(seed):
@@ -207,9 +246,9 @@ def config_diff(theirs, ours, ignore=()):
     return {k: (theirs.get(k), v) for k, v in ours.items() if k not in ignore and theirs.get(k) != v}
 
 
-def read_resumable(path, stage, model_cfg, train_cfg, data_order_keys, world_size):
-    """-> (tensors, meta, {setting: (checkpoint's, now)} for the other settings that changed); stops unless the
-    checkpoint can continue this run exactly."""
+def read_resumable(path, stage, model_cfg, train_cfg, data_order_keys, world_size, log):
+    """-> (tensors, meta) of a checkpoint that can continue this run exactly (or a stop saying why not); logs the
+    other settings that changed."""
     tensors, meta = load_checkpoint(path)
     if meta.get("stage") != stage:
         raise SystemExit(f"{path}: a {meta.get('stage')!r} checkpoint, this run trains {stage!r}")
@@ -224,14 +263,16 @@ def read_resumable(path, stage, model_cfg, train_cfg, data_order_keys, world_siz
         raise SystemExit(f"{path}: saved by {meta['world_size']} processes, resumed by {world_size}: use the same count")
     changed = {k: (v, getattr(train_cfg, k)) for k, v in meta["train_config"].items()
                if k != "resume" and hasattr(train_cfg, k) and v != getattr(train_cfg, k)}
-    return tensors, meta, changed
+    if changed:
+        log(f"resuming with changed settings (checkpoint, now): {changed}")
+    return tensors, meta
 
 
 def trained_weights(tensors):
     return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
 
 
-def restore_training_state(tensors, meta, model, optimizer, rank, device):
+def restore_training_state(path, tensors, meta, model, optimizer, rank, device, log):
     """AdamW state (each tensor cut like its parameter) and this rank's RNG states; -> the step to continue at."""
     for name, p in model.named_parameters():
         if p.requires_grad and f"optim.{name}.step" in tensors:
@@ -250,6 +291,7 @@ def restore_training_state(tensors, meta, model, optimizer, rank, device):
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = meta["rng_numpy"][rank]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    log(f"resumed from {path} at step {meta['step']}")
     return meta["step"]
 
 
