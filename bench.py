@@ -4,6 +4,8 @@ Benchmarks that print numbers; nothing here asserts.
     python bench.py --mode=modules   # our ViT, CLIPText, Llama vs transformers: same config, same weights, fwd+bwd
     python bench.py --mode=tokens    # FusedVLM (frozen LLM) step time and memory as n_l and the crop count grow,
                                      # model FLOPs per step, and the paper-size FLOPs per sample (analytic)
+    python bench.py --mode=generate --device=cuda --gen_batch_size=16 [--ckpt=out/ft-64]
+                                     # prefill and decode tokens/s of evaluate.py's batched greedy generation
 
 modules: one CLIPModel and one LlamaForCausalLM with random weights are saved to a temp folder; transformers
 loads them back (CLIPVisionModel, CLIPTextModelWithProjection, LlamaForCausalLM) and so do our from_hf loaders.
@@ -22,6 +24,13 @@ prefix, n_l slots, the question and a 32-token answer. Memory is reported two wa
             slack included, so it is what the machine feels; on CUDA, torch.cuda.max_memory_allocated instead.
 Timed steps of all points run in rounds (every point once per round) so that machine load spreads evenly.
 Writes bench_tokens.csv and bench_tokens.png to out_dir.
+
+generate: evaluate.py's decoding (batched greedy with the KV cache) on a synthetic batch: every sample 1 + num_crops
+crops, a gen_question_len-token question and n_l outputs; on the LLM side the 44 tokens of <s> and Llama-2's chat
+template before the slots, the n_l slots, the question and 4 tokens for [/INST]. With --ckpt the checkpoint's
+model and token space (its frozen LLM loaded as evaluate.py does); without, the paper's configuration with random
+weights (a 7B LLM: GPU only). One warm-up run, then `repeats` timed ones; medians of the vision + fused front,
+the prefill (one new token) and the full decode of gen_new_tokens.
 """
 import csv
 import multiprocessing
@@ -39,13 +48,14 @@ import torch
 import torch.nn.functional as F
 
 from configurator import parse_config
+from evaluate import build_vlm, read_checkpoint
 import fusion
-from model import CLIPText, FusedVLM, FusedVLMConfig, Llama, LlamaConfig, ViT, ViTConfig, train_flops
+from model import CLIPText, FusedVLM, FusedVLMConfig, Llama, LlamaConfig, ViT, ViTConfig, checkpoint_file, train_flops
 
 
 @dataclass
 class Config:
-    mode: str = "modules"  # modules | tokens
+    mode: str = "modules"  # modules | tokens | generate
     out_dir: str = "out/bench"
     device: str = "cpu"
     threads: int = 1  # torch.set_num_threads, the same for both sides; on a shared machine 1 is the only steady setting
@@ -63,6 +73,15 @@ class Config:
     crops_at: int = 5  # crops per sample during the n_l sweep (global view + 4 tiles)
     n_l_at: int = 256  # n_l during the crop sweep (the paper's base model)
     tokens_batch_size: int = 2
+    # generate
+    ckpt: str = ""           # a gen checkpoint (folder or file); "" = the paper's configuration, random weights
+    llama_path: str = ""     # "" = the checkpoint's
+    dtype: str = ""          # float32 | bfloat16 | float16; "" = bfloat16 on GPU, float32 on CPU
+    gen_batch_size: int = 16
+    gen_n_l: int = 0         # 0 = the checkpoint's (256 without one)
+    gen_num_crops: int = -1  # -1 = the checkpoint's (16 without one)
+    gen_question_len: int = 32
+    gen_new_tokens: int = 32
 
 
 def sync(device):
@@ -336,14 +355,70 @@ def plot(cfg, sweeps, paper):
     print(f"wrote {cfg.out_dir}/bench_tokens.csv and bench_tokens.png")
 
 
+# -----------------------------------------------------------------------------
+# generate: how fast evaluate.py's batched greedy generation is
+
+TEMPLATE_TOKENS = 44  # LLM tokens of <s> + Llama-2's default chat template before the slots
+
+
+def generation_model(cfg, device, dtype):
+    """-> (FusedVLM in eval mode, n_l, num_crops, what it is): the checkpoint's, or the paper's with random weights."""
+    if cfg.ckpt:
+        path = checkpoint_file(cfg.ckpt)
+        weights, meta = read_checkpoint(path)
+        model_cfg = FusedVLMConfig.from_dict(meta["model_config"])
+        llm = Llama.from_hf(cfg.llama_path or meta["llama_path"], dtype=dtype).to(device)
+        trained = meta["token_space"]
+        return build_vlm(model_cfg, weights, llm, path, device, dtype), trained["n_l"], trained["num_crops"], path
+    if device.type == "cpu":
+        sys.exit("--mode=generate without --ckpt builds the paper-size model (a 7B LLM): run it with --device=cuda, "
+                 "or give a (tiny) checkpoint")
+    with torch.device(device):  # random weights: the speed does not depend on their values
+        vlm = FusedVLM(FusedVLMConfig())
+    return vlm.to(dtype).eval(), 256, 16, "the paper's configuration, random weights"
+
+
+def bench_generate(cfg, device):
+    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    vlm, n_l, num_crops, what = generation_model(cfg, device, dtype)
+    n_l = cfg.gen_n_l or n_l
+    num_crops = num_crops if cfg.gen_num_crops < 0 else cfg.gen_num_crops
+    # the prompt ends with [/INST]: 3 random "answer" tokens + the </s> synthetic_batch closes with stand in for it
+    batch = fusion.synthetic_batch(cfg.gen_batch_size, 1 + num_crops, vlm.cfg.vit.image_size, n_l,
+                                   vlm.cfg.fused_vocab_size, vlm.cfg.llm.vocab_size, question_len=cfg.gen_question_len,
+                                   prefix_len=TEMPLATE_TOKENS, answer_len=3, seed=cfg.seed)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    B, L = batch["input_ids"].shape
+    N = cfg.gen_new_tokens
+    steps = [("front", lambda: vlm.fused_tokens(batch)),
+             ("prefill", lambda: vlm.generate(batch, max_new_tokens=1, eos_token_id=None)),
+             ("full", lambda: vlm.generate(batch, max_new_tokens=N, eos_token_id=None))]
+    times = {key: [] for key, _ in steps}
+    with torch.no_grad():
+        for run in range(1 + cfg.repeats):  # run 0 warms up
+            for key, step in steps:
+                ms = timed(step, device)[0]
+                if run:
+                    times[key].append(ms / 1000)
+    front, prefill, full = (statistics.median(times[k]) for k in ("front", "prefill", "full"))
+    print(f"generate: {what}\n  batch {B}, {1 + num_crops} crops and n_l={n_l} per sample, LLM prompt {L} tokens, "
+          f"{N} new tokens, {dtype} on {device}, median of {cfg.repeats} runs")
+    print(f"  vision + fused + bridge   {1000 * front:9.1f} ms")
+    print(f"  prefill (all of it)       {1000 * prefill:9.1f} ms | {B * L / prefill:10.1f} prompt tok/s")
+    print(f"  decode ({N - 1} steps)         {1000 * (full - prefill):9.1f} ms | "
+          f"{B * (N - 1) / (full - prefill):10.1f} new tok/s | {1000 * (full - prefill) / max(1, N - 1):.2f} ms/step")
+
+
 if __name__ == "__main__":
     cfg, positional = parse_config(Config(), sys.argv[1:])
     if positional:
         sys.exit(f"bench.py takes no positional arguments, got {positional}")
-    if cfg.mode not in ("modules", "tokens"):
-        sys.exit(f"--mode must be modules or tokens, got {cfg.mode!r}")
+    modes = {"modules": bench_modules, "tokens": bench_tokens, "generate": bench_generate}
+    if cfg.mode not in modes:
+        sys.exit(f"--mode must be one of {', '.join(modes)}, got {cfg.mode!r}")
     print(asdict(cfg))
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    (bench_modules if cfg.mode == "modules" else bench_tokens)(cfg, torch.device(cfg.device))
+    modes[cfg.mode](cfg, torch.device(cfg.device))
     print(f"total {time.time() - t0:.0f} s")

@@ -15,7 +15,7 @@ Image -> crops (the authors' conventions, so that their checkpoints see the pixe
   per-sample list never has.
 
 Conversation -> the fused-model sequence (CLIP BPE vocabulary, no <|startoftext|>), one block per question i:
-  [question_i tokens (at most max_question_tokens, head kept; none with drop_question)] [n_i - 1 query slots] [EOS]
+  [question_i tokens (all of them, as the authors' fused side; none with drop_question)] [n_i - 1 query slots] [EOS]
   n_1 = n_l, n_i = n_s for i > 1. Query slots hold the row of the learned query table (0 .. n_i - 2; later
   questions reuse the first n_s - 1 rows); the n_i - 1 slots and the EOS are the question's n_i outputs.
 
@@ -27,7 +27,7 @@ Conversation -> the LLM sequence (Llama-2 chat), each piece encoded on its own w
   by the bridge outputs in order. The answer piece keeps the space before </s> that Llama-2-chat's own format
   has (SentencePiece encodes it as a lone "▁"). Labels: the answer piece's tokens and its </s>, -100 elsewhere,
   not shifted. With an empty system prompt turn 1 starts like turn t. A generation prompt ends after the last
-  "[/INST]". Texts are used as written (no strip, bounding boxes untouched).
+  "[/INST]". Texts are used as written (no strip; <bbox> tags as the loader mapped them, see below).
   chat_template="vicuna" (Vicuna v1.1, the layout Vicuna-7B/13B v1.5 were tuned with: "{system} USER: {Q}
   ASSISTANT: {A}</s>USER: ..."), the same pieces and labels, one <s> for the whole conversation:
   turn 1:  <s> | "{system}" | "USER:" | n_l slots | "{Q1}" | "ASSISTANT:" | "{A1}" | </s>
@@ -37,8 +37,14 @@ Conversation -> the LLM sequence (Llama-2 chat), each piece encoded on its own w
 Stage 1 also gets one CLIP row per turn: the answer's tokens (at most max_answer_tokens - 1) + EOS, truncated
 before the EOS is appended so every row ends in exactly one EOS.
 
-Length: a conversation whose LLM sequence exceeds max_seq_len loses whole trailing turns (on both sides); one
-whose first turn alone does not fit is skipped and counted.
+Length: max_seq_len bounds both sequences, the LLM's and the fused model's text part (questions, query slots and
+EOS; the vision tokens come on top). A conversation that exceeds it on either side loses whole trailing turns (on
+both sides); one whose first turn alone does not fit is skipped and counted. No question or answer is ever cut
+(the stage-1 answer rows aside).
+
+Bounding boxes: our JSONL writes a box as <bbox>x0,y0,x1,y1</bbox>, integers 0..999 in the original image's frame
+(the converters write them so); when a sample is loaded they are mapped into the frame of its global view, the
+black-padded square, each step truncating with int(x * 999) as the authors' loader did.
 
 Bad input: ConversationDataset scans the whole JSONL at construction (JSON, fields, user/assistant
 alternation starting with the user and ending with an answer, empty questions or answers, the image file's
@@ -74,8 +80,8 @@ class TokenSpaceConfig:
     n_l: int = 256                  # vision tokens handed to the LLM for the first question
     n_s: int = 8                    # ... and for every later question
     drop_question: bool = False     # VQ ablation: the fused model does not see the question (the LLM still does)
-    max_seq_len: int = 4096         # LLM tokens (Llama-2's context): longer conversations lose trailing turns
-    max_question_tokens: int = 256  # CLIP tokens of one question in the fused sequence (the head is kept)
+    max_seq_len: int = 4096         # LLM tokens (Llama-2's context), and fused text tokens: longer conversations
+                                    # lose trailing turns
     max_answer_tokens: int = 512    # CLIP tokens of one stage-1 answer row incl. EOS (the text tower's positions)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     chat_template: str = "llama-2"  # the LLM's conversation layout: one of CHAT_TEMPLATES
@@ -94,19 +100,26 @@ def to_clip_tensor(img):
     return (x - CLIP_MEAN) / CLIP_STD
 
 
+def global_view_frame(width, height, size):
+    """Where the global view puts the image on its square: (w, h after any shrink, side, left, top)."""
+    w, h = width, height
+    if w != h and max(w, h) > size:  # their expand2square: shrink the longer side to S first (never a square)
+        if w > h:
+            w, h = size, max(1, int(h * (size / w)))
+        else:
+            w, h = max(1, int(w * (size / h))), size
+    side = max(w, h)
+    return w, h, side, (side - w) // 2, (side - h) // 2
+
+
 def global_view(img, size):
     """(3, S, S): black square padding, then the authors' tensor-space bicubic resize."""
-    w, h = img.size
-    if w != h:
-        if max(w, h) > size:  # their expand2square: shrink the longer side to S first
-            if w > h:
-                w, h = size, max(1, int(h * (size / w)))
-            else:
-                w, h = max(1, int(w * (size / h))), size
+    if img.width != img.height:
+        w, h, side, left, top = global_view_frame(img.width, img.height, size)
+        if (w, h) != img.size:
             img = img.resize((w, h), Image.Resampling.LANCZOS)
-        side = max(w, h)
         square = Image.new("RGB", (side, side))  # black
-        square.paste(img, ((side - w) // 2, (side - h) // 2))
+        square.paste(img, (left, top))
         img = square
     x = to_clip_tensor(img).unsqueeze(0)
     return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)[0]
@@ -163,7 +176,7 @@ class TokenSpace:
                                         f"checkpoint folder that holds {' and '.join(files)}")
         if cfg.n_l < 1 or cfg.n_s < 1:
             raise ValueError(f"n_l and n_s must be >= 1, got n_l={cfg.n_l}, n_s={cfg.n_s}")
-        if cfg.image_size < 1 or cfg.num_crops < 0 or cfg.max_answer_tokens < 1 or cfg.max_question_tokens < 0:
+        if cfg.image_size < 1 or cfg.num_crops < 0 or cfg.max_answer_tokens < 1:
             raise ValueError(f"bad token-space sizes in {cfg}")
         if cfg.chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got {cfg.chat_template!r}")
@@ -203,12 +216,22 @@ class TokenSpace:
             ids, slots, labels = ids + reply, slots + [False] * len(reply), labels + reply
         return ids, slots, labels
 
+    def fused_question(self, question):
+        return [] if self.cfg.drop_question else self.clip_ids(question)
+
     def turns_that_fit(self, turns):
-        """How many leading turns fit in max_seq_len LLM tokens (0: not even the first)."""
-        length = 0
+        """How many leading turns fit in max_seq_len tokens on both sides (0: not even the first)."""
+        outputs = [self.cfg.n_l] + [self.cfg.n_s] * (len(turns) - 1)
+        # a CLIP BPE token spans at least one byte of the lowercased text: only when this bound does not fit is the
+        # (slow) CLIP tokenizer needed, which spares it on almost every line of the dataset scan
+        fused = [n + (0 if self.cfg.drop_question else len(q.lower().encode())) for n, (q, _) in zip(outputs, turns)]
+        if sum(fused) > self.cfg.max_seq_len:
+            fused = [n + len(self.fused_question(q)) for n, (q, _) in zip(outputs, turns)]
+        llm_length = fused_length = 0
         for index, (question, answer) in enumerate(turns):
-            length += len(self.llm_turn(index, question, answer)[0])
-            if length > self.cfg.max_seq_len:
+            llm_length += len(self.llm_turn(index, question, answer)[0])
+            fused_length += fused[index]
+            if max(llm_length, fused_length) > self.cfg.max_seq_len:
                 return index
         return len(turns)
 
@@ -217,7 +240,7 @@ class TokenSpace:
         ids, query, output = [], [], []
         for index, question in enumerate(questions):
             n = self.cfg.n_l if index == 0 else self.cfg.n_s
-            text = [] if self.cfg.drop_question else self.clip_ids(question)[:self.cfg.max_question_tokens]
+            text = self.fused_question(question)
             ids += text + list(range(n - 1)) + [self.clip_eos]
             query += [False] * len(text) + [True] * (n - 1) + [False]
             output += [False] * len(text) + [True] * n
@@ -243,6 +266,32 @@ class TokenSpace:
     def generation_sample(self, image, question):
         """An evaluation sample: the prompt ends right after [/INST]; no labels, no answer rows."""
         return self.make_sample(image, [(question, None)])
+
+
+# -----------------------------------------------------------------------------
+# bounding boxes in the text
+
+BRACKET_BOX = re.compile(r"\[([\d.]+), *([\d.]+), *([\d.]+), *([\d.]+)\]")  # the datasets': floats 0..1
+BOX_TAG = re.compile(r"<bbox>(\d+), *(\d+), *(\d+), *(\d+)</bbox>")  # ours: integers 0..999
+
+
+def clamp01(x):
+    return min(max(x, 0.0), 1.0)
+
+
+def box_tag(x0, y0, x1, y1):
+    """Floats (clamped to 0..1) -> "<bbox>x0,y0,x1,y1</bbox>", each int(x * 999) as the authors truncated."""
+    return "<bbox>{},{},{},{}</bbox>".format(*(int(clamp01(x) * 999) for x in (x0, y0, x1, y1)))
+
+
+def boxes_into_global_view(text, width, height, size):
+    """Every <bbox> of a width x height image's text, from the image's frame into its global view's square."""
+    w, h, side, left, top = global_view_frame(width, height, size)
+
+    def mapped(match):
+        x0, y0, x1, y1 = (clamp01(int(g) / 999) for g in match.groups())
+        return box_tag((x0 * w + left) / side, (y0 * h + top) / side, (x1 * w + left) / side, (y1 * h + top) / side)
+    return BOX_TAG.sub(mapped, text)
 
 
 # -----------------------------------------------------------------------------
@@ -285,7 +334,7 @@ def parse_record(line):
 
 
 
-# Writing our JSONL: the rules of SPEC section 5 that every data/<name>/prepare.py converter applies.
+# Writing our JSONL: the rules every data/<name>/prepare.py converter applies.
 
 IMAGE_TAG = re.compile(r"\s*(?:<image>|<\|image\|>)\s*")
 
@@ -318,6 +367,19 @@ def clean_conversation(roles, texts, counts):
     return messages
 
 
+MIN_CHARS, MAX_CHARS = 25, 5000  # the authors' filter on the characters of all messages of a sample together
+
+
+def length_in_bounds(messages, counts):
+    """True if the messages' characters add up to MIN_CHARS..MAX_CHARS; else counts why not."""
+    chars = sum(len(m["content"]) for m in messages)
+    if chars < MIN_CHARS:
+        counts[f"dropped: fewer than {MIN_CHARS} characters in all"] += 1
+    elif chars > MAX_CHARS:
+        counts[f"dropped: more than {MAX_CHARS} characters in all"] += 1
+    return MIN_CHARS <= chars <= MAX_CHARS
+
+
 def write_jsonl(records, out):
     """Writes an iterable of records as JSONL to a temp file renamed over `out`; returns how many."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -330,6 +392,15 @@ def write_jsonl(records, out):
     return n
 
 
+def image_size(path):
+    """(width, height) from the file's header, without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadSample("unreadable image", f"{path}: {e}") from None
+
+
 def load_image(path):
     try:
         with Image.open(path) as img:
@@ -340,8 +411,9 @@ def load_image(path):
 
 class ConversationDataset(torch.utils.data.Dataset):
     """Map-style dataset over a JSONL file. skip_bad=False: the first bad line raises, naming file and line.
-    skip_bad=True: bad lines are counted in .skipped by reason. A first turn longer than max_seq_len is always
-    skipped and counted; dropped trailing turns are counted in .turns_dropped."""
+    skip_bad=True: bad lines are counted in .skipped by reason. A first turn longer than max_seq_len (on either
+    side) is always skipped and counted; dropped trailing turns are counted in .turns_dropped. <bbox> tags are
+    mapped into the global view's frame, also before the length fit (which then reads the image's header)."""
 
     def __init__(self, path, image_root, token_space, skip_bad=False):
         self.path, self.image_root, self.token_space, self.skip_bad = path, image_root, token_space, skip_bad
@@ -359,6 +431,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                     image_path = os.path.join(image_root, image)
                     if not os.path.isfile(image_path):
                         raise BadSample("missing image", image_path)
+                    if any(BOX_TAG.search(q) or BOX_TAG.search(a) for q, a in turns):  # the fit needs the mapped text
+                        turns = self.boxes_mapped(turns, image_size(image_path))
                 except BadSample as e:
                     self._bad(line_number, e)
                     continue
@@ -377,6 +451,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.unreadable = set()  # indices whose image failed to decode (skip_bad)
         if not len(self):
             raise ValueError(f"no usable samples in {self.summary()}")
+
+    def boxes_mapped(self, turns, size):
+        S = self.token_space.cfg.image_size
+        return [tuple(boxes_into_global_view(text, *size, S) for text in turn) for turn in turns]
 
     def _bad(self, line_number, error):
         if not self.skip_bad:
@@ -405,7 +483,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 self.unreadable.add(i)
                 print(f"skipping {self.path}, line {self.line_numbers[i]}: {e}", file=sys.stderr)
                 continue
-            return self.token_space.make_sample(img, turns[:self.turns_kept[i]])
+            return self.token_space.make_sample(img, self.boxes_mapped(turns[:self.turns_kept[i]], img.size))
         raise ValueError(f"{self.path}: no sample has a readable image")
 
     def summary(self):

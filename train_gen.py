@@ -83,6 +83,7 @@ class Config:
     fused_layers: int = 12
     fused_heads: int = 20
     fused_mlp: int = 5120
+    bridge_init_std: float = 1e-3  # the fresh bridge's N(0, std) init (a stage-1 or no init_from)
     # optimisation
     batch_size: int = 5  # conversations per micro-batch per process
     grad_accum: int = 64
@@ -183,7 +184,8 @@ def shard_llm(llm):
 llm = Llama.from_hf(cfg.llama_path, dtype=torch.bfloat16 if bf16 else torch.float32,
                     shard=shard_llm if cfg.fsdp else None).requires_grad_(False)
 model_cfg = FusedVLMConfig(vit=vit.cfg, llm=llm.cfg, fused_layers=cfg.fused_layers, fused_heads=cfg.fused_heads,
-                           fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip))
+                           fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip),
+                           bridge_init_std=cfg.bridge_init_std)
 raw_model = FusedVLM(model_cfg, llm=llm)
 raw_model.vision.vit = vit
 del vit, llm

@@ -1,4 +1,4 @@
-"""evaluate.py's file handling: VLMEvalKit TSVs (images, references, options, hints, list answers), prompts,
+"""benchmarks.py's file handling: VLMEvalKit TSVs (images, references, options, hints, list answers), prompts,
 predictions JSONL, results.csv and the --score_only command line, bad input included."""
 import base64
 import csv
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import benchmarks as bm
 import evaluate as ev
 
 
@@ -54,7 +55,7 @@ def test_image_reference_and_jpeg_reencoding(tmp_path):
     original = noise_image()
     path = write_tsv(tmp_path / "POPE.tsv", ["index", "image", "question", "answer"],
                      [[1, encode(original), "Is it?", "Yes"], [2, "1", "Is it?", "No"]])
-    rows = ev.load_benchmark("POPE", path)
+    rows = bm.load_benchmark("POPE", path)
     assert rows[1].images_b64 == rows[0].images_b64  # the short cell "1" names row 1's image
     raw = np.asarray(rows[1].images(jpeg_reencode=False)[0])
     assert np.array_equal(raw, np.asarray(original))
@@ -72,7 +73,7 @@ def test_rgba_and_palette_images_become_rgb(tmp_path):
     palette = Image.new("RGB", (8, 8), (0, 0, 255)).convert("P")
     path = write_tsv(tmp_path / "POPE.tsv", ["index", "image", "question", "answer"],
                      [[1, encode(rgba), "q", "Yes"], [2, encode(palette), "q", "No"]])
-    rows = ev.load_benchmark("POPE", path)
+    rows = bm.load_benchmark("POPE", path)
     first, second = rows[0].images(jpeg_reencode=False)[0], rows[1].images(jpeg_reencode=False)[0]
     assert first.mode == second.mode == "RGB"
     assert first.getpixel((3, 3)) == (10, 200, 30)  # alpha dropped, colour kept
@@ -83,7 +84,7 @@ def test_multi_image_row(tmp_path):
     blue = encode(Image.new("RGB", (8, 8), (0, 0, 255)))
     path = write_tsv(tmp_path / "SEEDBench2.tsv", ["index", "image", "question", "A", "B", "answer"],
                      [[1, str([RED, blue]), "q", "x", "y", "A"]])
-    images = ev.load_benchmark("SEEDBench2", path)[0].images(jpeg_reencode=False)
+    images = bm.load_benchmark("SEEDBench2", path)[0].images(jpeg_reencode=False)
     assert [im.getpixel((0, 0)) for im in images] == [(255, 0, 0), (0, 0, 255)]
 
 
@@ -93,13 +94,13 @@ def test_bad_image_references(tmp_path, cell, message):
     path = write_tsv(tmp_path / "POPE.tsv", ["index", "image", "question", "answer"],
                      [[0, RED, "q", "Yes"], [1, "0", "q", "No"], [2, cell, "q", "No"]])
     with pytest.raises(ValueError, match=f"POPE.tsv line 4 \\(index 2\\): image cell '{cell}' {message}"):
-        ev.load_benchmark("POPE", path)
+        bm.load_benchmark("POPE", path)
 
 
 def test_undecodable_image_names_the_row(tmp_path):
     path = write_tsv(tmp_path / "POPE.tsv", ["index", "image", "question", "answer"],
                      [[1, "A" * 100, "q", "Yes"]])
-    row = ev.load_benchmark("POPE", path)[0]
+    row = bm.load_benchmark("POPE", path)[0]
     with pytest.raises(ValueError, match="line 2 \\(index 1\\): the image does not decode"):
         row.images()
 
@@ -113,7 +114,7 @@ def test_quoted_fields_and_huge_cells(tmp_path):
     question = 'a "quoted"\tquestion\nover two lines'
     path = write_tsv(tmp_path / "TextVQA_VAL.tsv", ["index", "image", "question", "answer"],
                      [[1, big, question, str(["x"] * 10)], [2, "1", "plain", "['y']"]])
-    rows = ev.load_benchmark("TextVQA_VAL", path)
+    rows = bm.load_benchmark("TextVQA_VAL", path)
     assert rows[0].question == question
     assert rows[0].answers == ["x"] * 10 and rows[1].answers == ["y"]
     assert rows[1].where.endswith("line 4 (index 2)")  # the quoted newline takes a line
@@ -124,7 +125,7 @@ def test_missing_column_names_file_and_column(tmp_path):
     path = write_tsv(tmp_path / "MME.tsv", ["index", "image", "question", "answer", "category"],
                      [[1, RED, "q", "Yes", "OCR"]])
     with pytest.raises(ValueError, match=r"MME.tsv: missing column\(s\) \['image_path'\]"):
-        ev.load_benchmark("MME", path)
+        bm.load_benchmark("MME", path)
 
 
 @pytest.mark.parametrize("row, message", [
@@ -137,14 +138,14 @@ def test_missing_column_names_file_and_column(tmp_path):
 def test_bad_rows_name_file_and_line(tmp_path, row, message):
     path = write_tsv(tmp_path / "POPE.tsv", ["index", "image", "question", "answer"], [[1, RED, "q", "Yes"], row])
     with pytest.raises(ValueError, match="POPE.tsv " + message):
-        ev.load_benchmark("POPE", path)
+        bm.load_benchmark("POPE", path)
 
 
 def test_mcq_answer_must_be_a_letter(tmp_path):
     path = write_tsv(tmp_path / "MMStar.tsv", ["index", "image", "question", "A", "B", "answer"],
                      [[1, RED, "q", "x", "y", "x"]])
     with pytest.raises(ValueError, match="line 2 \\(index 1\\): a multiple-choice answer must be one capital letter"):
-        ev.load_benchmark("MMStar", path)
+        bm.load_benchmark("MMStar", path)
 
 
 def test_list_answers_are_literals_never_code(tmp_path):
@@ -153,17 +154,17 @@ def test_list_answers_are_literals_never_code(tmp_path):
     path = write_tsv(tmp_path / "OCRBench.tsv", ["index", "image", "question", "answer", "category"],
                      [[1, RED, "q", payload, "Doc-oriented VQA"]])
     with pytest.raises(ValueError, match="line 2 \\(index 1\\): answer .* is not a list literal"):
-        ev.load_benchmark("OCRBench", path)
+        bm.load_benchmark("OCRBench", path)
     assert not marker.exists()
     path = write_tsv(tmp_path / "OCRBench.tsv", ["index", "image", "question", "answer", "category"],
                      [[1, RED, "q", "[]", "Doc-oriented VQA"]])
     with pytest.raises(ValueError, match="is not a non-empty list"):
-        ev.load_benchmark("OCRBench", path)
+        bm.load_benchmark("OCRBench", path)
 
 
 def test_unknown_benchmark(tmp_path):
     with pytest.raises(ValueError, match="unknown benchmark 'MMBench'"):
-        ev.load_benchmark("MMBench", mcq_file(tmp_path))
+        bm.load_benchmark("MMBench", mcq_file(tmp_path))
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -174,7 +175,7 @@ def test_mcq_prompt_bytes_hint_and_missing_options(tmp_path):
     path = write_tsv(tmp_path / "ScienceQA_TEST.tsv", header,
                      [[1, RED, "Which is a mammal?", "Look at the animals.", "cat", "frog", "NA", "", "None", "A"],
                       [2, "1", "Which is a bird?", "nan", "owl", "bee", "ant", "", "", "A"]])
-    first, second = ev.load_benchmark("ScienceQA_TEST", path)
+    first, second = bm.load_benchmark("ScienceQA_TEST", path)
     # C "NA", D "" and E "None" are pandas NA: no such options; a hint "nan" is no hint
     assert first.prompt == ("Hint: Look at the animals.\nQuestion: Which is a mammal?\nOptions:\nA. cat\nB. frog\n"
                             "Please select the correct answer from the options above. \n")
@@ -185,21 +186,21 @@ def test_mcq_prompt_bytes_hint_and_missing_options(tmp_path):
 def test_prompts_per_kind(tmp_path):
     vqa = write_tsv(tmp_path / "ChartQA_TEST.tsv", ["index", "image", "question", "answer"],
                     [[1, RED, "What is the peak?", "12"]])
-    assert ev.load_benchmark("ChartQA_TEST", vqa)[0].prompt == \
+    assert bm.load_benchmark("ChartQA_TEST", vqa)[0].prompt == \
         "What is the peak?\nAnswer the question using a single word or phrase."
     yorn = write_tsv(tmp_path / "POPE.tsv", ["index", "image", "question", "answer"],
                      [[1, RED, "Is there a dog in the image?", "No"]])
-    assert ev.load_benchmark("POPE", yorn)[0].prompt == "Is there a dog in the image?"
+    assert bm.load_benchmark("POPE", yorn)[0].prompt == "Is there a dog in the image?"
     ocr = write_tsv(tmp_path / "OCRBench.tsv", ["index", "image", "question", "answer", "category"],
                     [[1, RED, "what is written?", "['a']", "Doc-oriented VQA"]])
-    assert ev.load_benchmark("OCRBench", ocr)[0].prompt == "what is written?"
+    assert bm.load_benchmark("OCRBench", ocr)[0].prompt == "what is written?"
     coco = write_tsv(tmp_path / "COCO_VAL.tsv", ["index", "image", "answer"], [[1, RED, "['A dog.']"]])
-    assert ev.load_benchmark("COCO_VAL", coco)[0].prompt == (
+    assert bm.load_benchmark("COCO_VAL", coco)[0].prompt == (
         'Please describe this image in general. Directly provide the description, do not include prefix like '
         '"This image depicts". ')
     own = write_tsv(tmp_path / "SYNTH_CAPTION.tsv", ["index", "image", "question", "answer"],
                     [[1, RED, "Describe it.", "['A dog.']"]])
-    assert ev.load_benchmark("SYNTH_CAPTION", own)[0].prompt == "Describe it."
+    assert bm.load_benchmark("SYNTH_CAPTION", own)[0].prompt == "Describe it."
 
 
 def test_max_new_tokens_table():
@@ -208,7 +209,7 @@ def test_max_new_tokens_table():
                 "RealWorldQA": 32, "MMStar": 32, "SEEDBench_IMG": 32, "SEEDBench2": 32, "SEEDBench2_Plus": 32,
                 "ScienceQA_TEST": 32, "OCRVQA_TESTCORE": 100, "ChartQA_TEST": 100, "TextVQA_VAL": 10,
                 "SYNTH_YORN": 32, "SYNTH_MCQ": 32, "SYNTH_VQA": 10, "SYNTH_CAPTION": 32}
-    assert {name: b.max_new_tokens for name, b in ev.BENCHMARKS.items()} == expected
+    assert {name: b.max_new_tokens for name, b in bm.BENCHMARKS.items()} == expected
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -217,7 +218,7 @@ def test_max_new_tokens_table():
 def test_read_predictions_matches_int_and_string_indices(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", ['{"index": 7, "prediction": "A"}', "",
                                               '{"index": "008", "prediction": " B "}'])
-    assert ev.read_predictions(path) == {"7": "A", "8": " B "}
+    assert bm.read_predictions(path) == {"7": "A", "8": " B "}
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -234,16 +235,16 @@ def test_read_predictions_matches_int_and_string_indices(tmp_path):
 def test_bad_predictions_files(tmp_path, lines, message):
     path = write_jsonl(tmp_path / "p.jsonl", lines)
     with pytest.raises(ValueError, match=message):
-        ev.read_predictions(path)
+        bm.read_predictions(path)
 
 
 def test_score_refuses_partial_or_foreign_predictions(tmp_path):
-    rows = ev.load_benchmark("SYNTH_MCQ", mcq_file(tmp_path))
+    rows = bm.load_benchmark("SYNTH_MCQ", mcq_file(tmp_path))
     with pytest.raises(ValueError, match=r"p.jsonl: no prediction for 2 of the 3 rows of SYNTH_MCQ, e.g. "
                                          r"indices \['2', '3'\]"):
-        ev.score("SYNTH_MCQ", rows, {"1": "A"}, source="p.jsonl")
+        bm.score("SYNTH_MCQ", rows, {"1": "A"}, source="p.jsonl")
     with pytest.raises(ValueError, match=r"1 prediction\(s\) for indices not in SYNTH_MCQ, e.g. \['4'\]"):
-        ev.score("SYNTH_MCQ", rows, {"1": "A", "2": "C", "3": "D", "4": "A"})
+        bm.score("SYNTH_MCQ", rows, {"1": "A", "2": "C", "3": "D", "4": "A"})
 
 
 # ----------------------------------------------------------------------------- results.csv and the command line
@@ -251,8 +252,8 @@ def test_score_refuses_partial_or_foreign_predictions(tmp_path):
 
 def test_append_results_writes_and_checks_the_header(tmp_path):
     path = str(tmp_path / "sub" / "results.csv")
-    ev.append_results(path, "VQQ", "POPE", 64, 8, {"Overall": 81.25, "acc": 80.0}, "ckpt.safetensors", 16)
-    ev.append_results(path, "VQQ", "MME", 64, 8, {"Overall": 1234.5}, "ckpt.safetensors", 2374)
+    bm.append_results(path, "VQQ", "POPE", 64, 8, {"Overall": 81.25, "acc": 80.0}, "ckpt.safetensors", 16)
+    bm.append_results(path, "VQQ", "MME", 64, 8, {"Overall": 1234.5}, "ckpt.safetensors", 2374)
     with open(path, newline="") as f:
         assert list(csv.reader(f)) == [
             ["variant", "benchmark", "metric", "n_l", "n_s", "score", "ckpt", "n_samples"],
@@ -262,7 +263,7 @@ def test_append_results_writes_and_checks_the_header(tmp_path):
     other = tmp_path / "other.csv"
     other.write_text("variant,benchmark,metric,n_l,n_s,score\n")
     with pytest.raises(ValueError, match="other.csv: header"):
-        ev.append_results(str(other), "VQQ", "POPE", 64, 8, {"Overall": 1.0}, "", 1)
+        bm.append_results(str(other), "VQQ", "POPE", 64, 8, {"Overall": 1.0}, "", 1)
 
 
 def test_score_only_command_line(tmp_path, capsys):
@@ -282,7 +283,7 @@ def test_score_only_command_line(tmp_path, capsys):
                 ["VQQ", "SYNTH_MCQ", "category:colour", "16", "8", "100", "", "3"],
                 ["VQQ", "SYNTH_MCQ", "category:count", "16", "8", "50", "", "3"]]
     with open(out_dir / "results.csv", newline="") as f:
-        assert list(csv.reader(f)) == [ev.RESULTS_HEADER] + expected + expected
+        assert list(csv.reader(f)) == [bm.RESULTS_HEADER] + expected + expected
     printed = capsys.readouterr().out
     assert "SYNTH_MCQ: 3 samples" in printed and "66.6667" in printed
 

@@ -1,6 +1,6 @@
 """evaluate.py running checkpoints end to end on the synthetic benchmarks (data/synthetic/prepare.py, written once
 here): tiny random FusedVLM checkpoints saved per the checkpoint schema, a sweep through the command line, resume,
-batched generation against an independent cache-free greedy loop, the VQ ablation's fused input, --bench.
+batched generation against an independent cache-free greedy loop, the VQ ablation's fused input, bench.py's generate mode.
 References are independent of the code under test: the TSV read with csv, a greedy loop over full forwards of the
 model object the checkpoint was saved from, CLIP ids from transformers' tokenizer, counts worked out by hand."""
 import base64
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from transformers import CLIPTokenizer
 
+import bench
 import evaluate as ev
 from fusion import DEFAULT_SYSTEM_PROMPT, TokenSpace, TokenSpaceConfig, collate
 from model import FusedVLM, FusedVLMConfig, Llama, ViT, save_checkpoint
@@ -27,8 +28,8 @@ from model import FusedVLM, FusedVLMConfig, Llama, ViT, save_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 SYNTH = ["SYNTH_YORN", "SYNTH_MCQ", "SYNTH_VQA", "SYNTH_CAPTION"]
 N_BENCH = 6  # rows per benchmark (conftest's synthetic_world); batch_size 4 makes one full and one left-padded batch of 2
-# SPEC section 6: the metric names each benchmark family reports
-SPEC_METRICS = {"SYNTH_YORN": {"Overall", "acc", "precision", "recall"}, "SYNTH_MCQ": {"Overall"},
+# the metric names each benchmark family must report (those the paper plots)
+REQUIRED_METRICS = {"SYNTH_YORN": {"Overall", "acc", "precision", "recall"}, "SYNTH_MCQ": {"Overall"},
                 "SYNTH_VQA": {"Overall"}, "SYNTH_CAPTION": {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"}}
 
 
@@ -131,7 +132,7 @@ def test_sweep_writes_every_prediction_and_one_results_block_per_checkpoint(worl
     for ckpt, n_l in ((ck16, "16"), (ck4, "4")):
         for name in SYNTH:
             block = [r for r in rows if r["ckpt"] == ckpt and r["benchmark"] == name]
-            assert SPEC_METRICS[name] <= {r["metric"] for r in block}
+            assert REQUIRED_METRICS[name] <= {r["metric"] for r in block}
             labels = {(r["variant"], r["n_l"], r["n_s"], r["n_samples"]) for r in block}
             assert labels == {("VQQ", n_l, "4", str(N_BENCH))}
     # progress: a line per batch with speeds (2 batches per benchmark and checkpoint), a total at the end
@@ -188,9 +189,10 @@ def test_resume_generates_only_the_missing_rows(world, checkpoints, sweep, tmp_p
     full = path.read_text().splitlines(keepends=True)
     kept = [json.dumps({**json.loads(full[0]), "prediction": "KEPT"}) + "\n", full[1]]
     path.write_text("".join(kept) + full[2][:len(full[2]) // 2])  # killed in the middle of writing row 3
+    (tmp_path / "VQQ_nl16" / "predictions_SYNTH_VQA.jsonl").write_text("")  # killed before its first line
     spy = GenerateSpy(monkeypatch)
     ev.main(evaluate_argv(world, tmp_path, [checkpoints["ck16"][0]]))
-    assert spy.rows() == N_BENCH - 2  # the other three benchmarks were complete
+    assert spy.rows() == N_BENCH - 2 + N_BENCH  # the other two benchmarks were complete
     resumed = {line["index"]: line for line in jsonl(path)}
     originals = {line["index"]: line for line in map(json.loads, full)}
     assert resumed[json.loads(full[0])["index"]]["prediction"] == "KEPT"
@@ -199,7 +201,7 @@ def test_resume_generates_only_the_missing_rows(world, checkpoints, sweep, tmp_p
     assert {r["benchmark"] for r in results(tmp_path)} == set(SYNTH)
     before = (tmp_path / "results.csv").read_text()
     ev.main(evaluate_argv(world, tmp_path, [checkpoints["ck16"][0]]))  # all done: nothing generated or scored again
-    assert spy.rows() == N_BENCH - 2 and (tmp_path / "results.csv").read_text() == before
+    assert spy.rows() == 2 * N_BENCH - 2 and (tmp_path / "results.csv").read_text() == before
 
 
 def test_drop_question_removes_the_question_from_the_fused_input_only(world, checkpoints, tmp_path, monkeypatch):
@@ -223,9 +225,10 @@ def test_drop_question_removes_the_question_from_the_fused_input_only(world, che
     assert (tmp_path / "VQ_nl16" / "predictions_SYNTH_YORN.jsonl").exists()
 
 
-def test_bench_mode_prints_prefill_and_decode_speeds(checkpoints, capsys):
-    ev.main(["--bench=True", f"--ckpt={checkpoints['ck4'][0]}", "--batch_size=2", "--bench_new_tokens=4",
-             "--bench_repeats=1", "--bench_question_len=8"])
+def test_bench_generate_mode_prints_prefill_and_decode_speeds(checkpoints, capsys):
+    cfg = bench.Config(mode="generate", ckpt=checkpoints["ck4"][0], gen_batch_size=2, gen_new_tokens=4, repeats=1,
+                       gen_question_len=8)
+    bench.bench_generate(cfg, torch.device("cpu"))
     printed = capsys.readouterr().out
     # LLM prompt: 44 template tokens + n_l = 4 slots + 8 question tokens + 4 for [/INST]; crops: 1 + num_crops 2
     assert "batch 2, 3 crops and n_l=4 per sample, LLM prompt 60 tokens, 4 new tokens" in printed
@@ -270,3 +273,144 @@ def test_a_row_with_several_images_is_shown_its_last(world, checkpoints, tmp_pat
     blue = (torch.tensor([0.0, 0.0, 1.0]) - mean) / std
     # the global view is blue inside and black where it was padded to a square; the tiles white-padded
     assert torch.allclose(first[0, :, 56, 56], blue, atol=1e-3) and torch.allclose(first[1, :, 56, 56], blue, atol=1e-3)
+
+
+def block(rows, **match):
+    """{metric: score} of the results rows that match."""
+    return {r["metric"]: r["score"] for r in rows if all(r[k] == v for k, v in match.items())}
+
+
+def test_predictions_carry_the_per_row_reading_and_score_the_totals_are_made_of(world, sweep):
+    out, _ = sweep
+    rows = results(out)
+    for name in SYNTH:
+        lines = jsonl(out / "VQQ_nl16" / f"predictions_{name}.jsonl")
+        assert [line["index"] for line in lines] == [r["index"] for r in tsv_rows(world, name)]  # the TSV's order
+        scores = block(rows, variant="VQQ", n_l="16", benchmark=name)
+        if name == "SYNTH_CAPTION":  # corpus metrics: the caption as read, no row score
+            assert all("score" not in line and line["extracted"] == line["prediction"] for line in lines)
+            continue
+        mean_score = 100 * sum(line["score"] for line in lines) / len(lines)
+        headline = "acc" if name == "SYNTH_YORN" else "Overall"
+        assert float(scores[headline]) == pytest.approx(mean_score, abs=1e-3)
+        if name != "SYNTH_VQA":
+            unreadable = sum(line["extracted"] is None for line in lines) / len(lines)
+            assert float(scores["unparsable_rate"]) == pytest.approx(unreadable, abs=1e-5)
+
+
+def test_limit_runs_a_subset_then_the_full_run_reuses_it(world, checkpoints, sweep, tmp_path, monkeypatch):
+    out, _ = sweep
+    ck16 = checkpoints["ck16"][0]
+    spy = GenerateSpy(monkeypatch)
+    ev.main(evaluate_argv(world, tmp_path, [ck16], ["SYNTH_YORN", "SYNTH_VQA"], "--limit=4"))
+    assert spy.rows() == 8
+    for name in ("SYNTH_YORN", "SYNTH_VQA"):
+        full = {line["index"]: line for line in jsonl(out / "VQQ_nl16" / f"predictions_{name}.jsonl")}
+        limited = jsonl(tmp_path / "VQQ_nl16" / f"predictions_{name}.jsonl")
+        assert len(limited) == 4 and all(line == full[line["index"]] for line in limited)
+        categories = {r["index"]: r["category"] for r in tsv_rows(world, name)}
+        assert len({categories[line["index"]] for line in limited}) == min(4, len(set(categories.values())))
+    assert {r["n_samples"] for r in results(tmp_path)} == {"4"}
+    ev.main(evaluate_argv(world, tmp_path, [ck16], ["SYNTH_YORN", "SYNTH_VQA"]))  # the whole files now
+    assert spy.rows() == 8 + 2 * (N_BENCH - 4)
+    rows, reference = results(tmp_path), results(out)
+    for name in ("SYNTH_YORN", "SYNTH_VQA"):
+        assert block(rows, benchmark=name, n_samples="6") == block(reference, benchmark=name, ckpt=ck16)
+        assert block(rows, benchmark=name, n_samples="4")
+
+
+def test_an_own_tsv_with_a_kind_runs_like_the_benchmark_it_copies(world, checkpoints, sweep, tmp_path):
+    out, _ = sweep
+    ck16 = checkpoints["ck16"][0]
+    shutil.copy(world / "bench" / "SYNTH_YORN.tsv", tmp_path / "MY_YES_NO.tsv")
+    argv = [f"--ckpt={ck16}", "--benchmarks=MY_YES_NO", f"--bench_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}",
+            "--batch_size=4"]
+    with pytest.raises(SystemExit, match="--kind=yes_no"):
+        ev.main(argv)
+    ev.main(argv + ["--kind=yes_no"])
+    assert (jsonl(tmp_path / "out" / "VQQ_nl16" / "predictions_MY_YES_NO.jsonl")
+            == jsonl(out / "VQQ_nl16" / "predictions_SYNTH_YORN.jsonl"))
+    assert (block(results(tmp_path / "out"), benchmark="MY_YES_NO")
+            == block(results(out), benchmark="SYNTH_YORN", ckpt=ck16))
+
+
+def global_views(batches):
+    """The global-view crop of every sample, in generation order."""
+    return [b["pixel_values"][b["crop_to_sample"] == k][0] for b in batches for k in range(len(b["input_ids"]))]
+
+
+def test_shuffled_images_each_row_sees_another_rows_image(world, checkpoints, tmp_path, monkeypatch):
+    ck16 = checkpoints["ck16"][0]
+    # every row asks the same question, so a row shown row j's image must answer what row j answered
+    source = tsv_rows(world, "SYNTH_YORN")
+    bench_dir = tmp_path / "bench"
+    bench_dir.mkdir()
+    with open(bench_dir / "SYNTH_YORN.tsv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(source[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows({**r, "question": "Is there a red circle in the image?"} for r in source)
+    runs = {}
+    for label, extra in (("normal", []), ("shuffled", ["--image_ablation=shuffle"]),
+                         ("limited", ["--image_ablation=shuffle", "--limit=3"])):
+        spy = GenerateSpy(monkeypatch)
+        ev.main([f"--ckpt={ck16}", "--benchmarks=SYNTH_YORN", f"--bench_dir={bench_dir}", "--batch_size=6",
+                 f"--out_dir={tmp_path / label}", *extra])
+        run_dir = "VQQ_nl16" if label == "normal" else "VQQ-shuffled_nl16"
+        lines = jsonl(tmp_path / label / run_dir / "predictions_SYNTH_YORN.jsonl")
+        runs[label] = (global_views(spy.batches), {line["index"]: line["prediction"] for line in lines})
+        assert {r["variant"] for r in results(tmp_path / label)} == {run_dir.split("_nl")[0]}
+    (normal_views, normal), (shuffled_views, shuffled) = runs["normal"], runs["shuffled"]
+    indices = [r["index"] for r in source]
+    shown = [next(j for j, view in enumerate(normal_views) if torch.equal(view, v)) for v in shuffled_views]
+    assert sorted(shown) == list(range(len(indices))) and all(j != i for i, j in enumerate(shown))  # a derangement
+    assert len(set(normal.values())) > 1  # the answers depend on the image, so a wrong image would show
+    assert all(shuffled[indices[i]] == normal[indices[j]] for i, j in enumerate(shown))
+    limited = runs["limited"][1]
+    assert len(limited) == 3 and all(shuffled[index] == p for index, p in limited.items())
+    with open(tmp_path / "shuffled" / "VQQ-shuffled_nl16" / "run.json") as f:
+        assert json.load(f)["image_ablation"] == "shuffle"
+
+
+def torchrun(argv, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", "evaluate.py", *argv],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_two_processes_write_the_same_predictions_and_scores_as_one(world, checkpoints, sweep, tmp_path):
+    out, _ = sweep
+    ck4 = checkpoints["ck4"][0]
+    stdout = torchrun(evaluate_argv(world, tmp_path, [ck4]))
+    for name in SYNTH:  # one process wrote these in the sweep
+        assert ((tmp_path / "VQQ_nl4" / f"predictions_{name}.jsonl").read_bytes()
+                == (out / "VQQ_nl4" / f"predictions_{name}.jsonl").read_bytes())
+    assert not list((tmp_path / "VQQ_nl4").glob("*.rank*"))
+    columns = lambda rows: [tuple(r.values()) for r in rows]
+    assert columns(results(tmp_path)) == columns([r for r in results(out) if r["ckpt"] == ck4])
+    # 4 benchmarks of 6 rows in batches of 4: rank 0 gets the first batch (4 rows), rank 1 the second (2)
+    assert "done (rank 0): 16 samples generated" in stdout and "done (rank 1): 8 samples generated" in stdout
+
+
+def test_two_processes_resume_an_interrupted_shuffled_limited_run(world, checkpoints, tmp_path):
+    ck16 = checkpoints["ck16"][0]
+    extra = ["--image_ablation=shuffle", "--limit=5", "--batch_size=2"]
+    one = tmp_path / "one"
+    ev.main(evaluate_argv(world, one, [ck16], ["SYNTH_MCQ", "SYNTH_CAPTION"], *extra))
+    # an interrupted 2-process run: two rows merged, rank 1's part file with one row and half of the next
+    two = tmp_path / "two" / "VQQ-shuffled_nl16"
+    two.mkdir(parents=True)
+    shutil.copy(one / "VQQ-shuffled_nl16" / "run.json", two / "run.json")
+    lines = (one / "VQQ-shuffled_nl16" / "predictions_SYNTH_MCQ.jsonl").read_text().splitlines(keepends=True)
+    (two / "predictions_SYNTH_MCQ.jsonl").write_text("".join(lines[:2]))
+    (two / "predictions_SYNTH_MCQ.jsonl.rank1").write_text(lines[3] + lines[4][:20])
+    stdout = torchrun(evaluate_argv(world, tmp_path / "two", [ck16], ["SYNTH_MCQ", "SYNTH_CAPTION"], *extra))
+    for name in ("SYNTH_MCQ", "SYNTH_CAPTION"):
+        assert ((two / f"predictions_{name}.jsonl").read_bytes()
+                == (one / "VQQ-shuffled_nl16" / f"predictions_{name}.jsonl").read_bytes())
+    columns = lambda rows: [tuple(r.values()) for r in rows]
+    assert columns(results(tmp_path / "two")) == columns(results(one))
+    generated = sum(int(line.split(": ")[1].split()[0]) for line in stdout.splitlines() if line.startswith("done"))
+    assert generated == 2 + 5  # MCQ: rows 3 and 5 of the subset are left to do; CAPTION: all 5

@@ -143,9 +143,11 @@ def test_single_output_per_question(make_space, clip, clip_eos, draw_image):
     assert s["output_mask"].sum() == 2
 
 
-def test_question_cap_keeps_the_head(make_space, clip, clip_eos, draw_image):
-    s = make_space(n_l=2, max_question_tokens=3).make_sample(draw_image(9, 9), [(Q1, A1)])
-    assert s["fused_ids"].tolist() == clip_ids(clip, Q1)[:3] + [0, clip_eos]
+def test_a_long_question_is_not_cut_on_the_fused_side(make_space, clip, clip_eos, draw_image):
+    long_question = " ".join([Q1] * 40)  # several hundred CLIP tokens
+    assert len(clip_ids(clip, long_question)) > 300
+    s = make_space(n_l=2).make_sample(draw_image(9, 9), [(long_question, A1)])
+    assert s["fused_ids"].tolist() == clip_ids(clip, long_question) + [0, clip_eos]
 
 
 def test_literal_endoftext_in_text_is_not_an_eos(make_space, clip_eos, draw_image):
@@ -316,6 +318,68 @@ def test_first_turn_too_long_is_skipped_and_counted(tmp_path, image_root, make_s
     assert len(ds) == 1
     assert ds.skipped == {"first turn longer than max_seq_len": 1}
     assert ds[0]["pixel_values"].shape[0] == 1 + 2  # b.png, 20x40 with num_crops 4: scale 2 -> 2 x 1 tiles
+
+
+@pytest.fixture(scope="module")
+def letter_clip_dir(tmp_path_factory):
+    """A CLIP vocabulary without merges: one token per byte, so the fused side outgrows the LLM side."""
+    from conftest import TOKENIZER_TEXTS, load_prepare
+
+    out = tmp_path_factory.mktemp("letter_clip")
+    load_prepare().build_clip_vocab(TOKENIZER_TEXTS, str(out), num_merges=0)
+    return out
+
+
+def letter_space(letter_clip_dir, llama_tokenizer_dir, **overrides):
+    settings = dict(image_size=S, num_crops=4, n_l=3, n_s=2, system_prompt="")
+    settings.update(overrides)
+    return TokenSpace(TokenSpaceConfig(clip_path=str(letter_clip_dir), llama_path=str(llama_tokenizer_dir), **settings))
+
+
+WORDY = " ".join(["circles"] * 12)  # 12 SentencePiece tokens, 84 letter tokens
+
+
+def llm_length(sp, turns, n_l, n_s):
+    """The LLM sequence's length with an empty system prompt, from the layout worked out in the tests above."""
+    return sum(len([1] + sp.encode("[INST]")) + (n_l if i == 0 else n_s) + len(sp.encode(q)) + len(sp.encode("[/INST]"))
+               + len(sp.encode(a + " ")) + 1 for i, (q, a) in enumerate(turns))
+
+
+def test_the_fused_side_drops_whole_trailing_turns_too(tmp_path, image_root, letter_clip_dir, llama_tokenizer_dir, sp):
+    letters = CLIPTokenizer(vocab=str(letter_clip_dir / "vocab.json"), merges=str(letter_clip_dir / "merges.txt"))
+    turns = [(Q1, A1), (WORDY, A2)]
+    fused = [len(clip_ids(letters, Q1)) + 3, len(clip_ids(letters, WORDY)) + 2]
+    llm = llm_length(sp, turns, 3, 2)
+    assert fused[1] == 84 + 2 and sum(fused) > llm  # the fused side is the longer one here
+    limit = sum(fused) - 1  # the LLM side fits, the fused side does not
+    assert llm <= limit
+    ds = ConversationDataset(write_jsonl(tmp_path, [record("a.png", Q1, A1, WORDY, A2)]), str(image_root),
+                             letter_space(letter_clip_dir, llama_tokenizer_dir, max_seq_len=limit))
+    assert ds.turns_dropped == 1 and not ds.skipped
+    s = ds[0]
+    assert s["fused_ids"].tolist()[:-3] == clip_ids(letters, Q1)  # the kept question whole, then 2 queries + EOS
+    assert s["output_mask"].sum() == s["slot_mask"].sum() == 3  # the same single turn on the LLM side
+    assert len(s["answer_ids"]) == 1
+    # exactly at the limit both turns stay: the exact CLIP count decides, not its cheap byte bound (bytes > tokens)
+    assert sum(len(q.lower().encode()) for q, _ in turns) > sum(len(clip_ids(letters, q)) for q, _ in turns)
+    ds = ConversationDataset(write_jsonl(tmp_path, [record("a.png", Q1, A1, WORDY, A2)]), str(image_root),
+                             letter_space(letter_clip_dir, llama_tokenizer_dir, max_seq_len=sum(fused)))
+    assert ds.turns_dropped == 0 and len(ds[0]["answer_ids"]) == 2
+
+
+def test_a_first_turn_too_long_on_the_fused_side_is_skipped(tmp_path, image_root, letter_clip_dir,
+                                                            llama_tokenizer_dir, sp):
+    letters = CLIPTokenizer(vocab=str(letter_clip_dir / "vocab.json"), merges=str(letter_clip_dir / "merges.txt"))
+    fused = len(clip_ids(letters, WORDY)) + 3
+    assert llm_length(sp, [(WORDY, A1)], 3, 2) < fused
+    lines = [record("a.png", WORDY, A1), record("b.png", Q1, A1)]
+    ds = ConversationDataset(write_jsonl(tmp_path, lines), str(image_root),
+                             letter_space(letter_clip_dir, llama_tokenizer_dir, max_seq_len=fused - 1))
+    assert len(ds) == 1 and ds.skipped == {"first turn longer than max_seq_len": 1}
+    # the VQ ablation reads no question, so the same line fits
+    ds = ConversationDataset(write_jsonl(tmp_path, lines), str(image_root),
+                             letter_space(letter_clip_dir, llama_tokenizer_dir, max_seq_len=fused - 1, drop_question=True))
+    assert len(ds) == 2 and not ds.skipped
 
 
 BAD_LINES = [

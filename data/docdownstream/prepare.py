@@ -12,7 +12,8 @@ Image paths are relative to the DocDownstream-1.0 folder (its imgs/ comes from t
 Output: {"image": image_prefix + path without its leading "./", "messages": [...]}. Rules: exactly one image
 (samples with none or several are dropped, counted); <|image|> and <image> tags removed with the whitespace
 around them; "Reference OCR token" samples dropped; strict user/assistant alternation from the user ending with
-an answer, else dropped; empty turns removed; every drop counted by reason and printed.
+an answer, else dropped; empty turns removed; the characters of all kept messages must add up to 25..5000 (the
+authors' loader rule); every drop counted by reason and printed. Boxes stay as written.
 """
 import collections
 import json
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 from configurator import parse_config  # noqa: E402
-from fusion import clean_conversation, write_jsonl  # noqa: E402
+from fusion import clean_conversation, length_in_bounds, write_jsonl  # noqa: E402
 
 
 @dataclass
@@ -45,7 +46,9 @@ def convert(record, image_prefix, counts):
         return None
     roles = [t["role"] if t["role"] in ("user", "assistant") else None for t in turns]
     messages = clean_conversation(roles, [t["content"] for t in turns], counts)
-    return messages and {"image": image_prefix + images[0].removeprefix("./"), "messages": messages}
+    if not messages or not length_in_bounds(messages, counts):
+        return None
+    return {"image": image_prefix + images[0].removeprefix("./"), "messages": messages}
 
 
 def main(cfg):

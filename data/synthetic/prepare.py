@@ -1,47 +1,45 @@
 """
-A tiny synthetic visual-QA world, so the whole pipeline (both training stages, evaluation, the scaling fit) runs
-offline on a laptop, plus the tiny tokenizers and random base models that stand in for CLIP and Llama-2.
+A tiny synthetic visual-QA world whose answers can only come from the image, so the whole pipeline (stage 0 to the
+scaling fit) runs offline on CPU and shows whether a model reads its images; plus the tiny tokenizers and random base
+models that stand in for CLIP and Llama-2.
 
-    python data/synthetic/prepare.py --out_dir=data/synthetic/out --n_train=2000 --n_val=200 --seed=0
+    python data/synthetic/prepare.py --out_dir=data/synthetic/out --n_train=10000 --n_val=200 --n_bench=150 --seed=0
 
-Design (fixed before any model was run on it; the benchmarks are not tuned on results)
---------------------------------------------------------------------------------------
-Image: a grid of R x C cells (R, C in 3..6, cell side 32-40 px: 97-241 px wide, 115-259 px high, so portrait,
-square and landscape all occur) on a light background with dark 1-px grid lines, and a white label band (18 px, above or
-below the grid) holding a 3-character code such as "KX7" at a random horizontal position. 2-6 cells hold a solid
-shape: colour in {red, green, blue, yellow, purple, orange}, shape in {circle, square, triangle, diamond}.
-Rows are counted top to bottom and columns left to right from 1. A shape spans 2/3 of a cell, 1-2 patches of
-the 112-px global view and the label's characters less than one: small details need the crops and enough
-tokens, which is what makes the number of vision tokens matter.
+The world
+---------
+Image: 112 x 112 px, a 4 x 4 grid of 28-px cells, each filled with one solid colour (red, green, blue, yellow,
+purple, orange) or left empty (the light background), all 7 equally likely and independent (chance: 1/7). A cell is
+2 x 2 patches of the tiny ViT (14 px) and one token after the merge conv, so nothing is too small to see: what
+limits a model is how much of the grid its n_l vision tokens can carry. Cells are named by letters in reading
+order: row 1 is A B C D, row 4 is M N O P.
 
-Question types (the `category` of every benchmark row):
-  cell_colour   "What colour is the shape in row 2, column 3?" -> "red"      (one cell: many tokens, or the
-  cell_shape    "What shape is in row 2, column 3?" -> "circle"               question fused in front of them)
-  count_colour  "How many red shapes are there?" -> "2"                       (the whole image, every cell)
-  count_shape   "How many circles are there?" -> "1"
-  text          "What text is written on the label?" -> "KX7"                (small print: many tokens)
-  grid          "How many rows does the grid have?" -> "4"                   (global layout: few tokens suffice)
-  presence      "Is there a blue triangle in the image?" -> "Yes" / "No"     (half yes, half no)
-  cell_check    "Is the shape in row 2, column 3 red?" -> "Yes" / "No"      (half yes, half no)
-  describe      "Describe the image in detail." -> every occupied cell, row by row (needs all tokens)
-  caption       COCO's prompt -> "A 4 by 5 grid: red circle, blue square." (objects in reading order)
-Training conversations hold 2-4 turns (so n_s, the token count of later questions, is exercised), drawn with
-weights 3,2,2,1,2,1,2,2,1,1 over the types above (yes/no answers: a fair coin; in the benchmarks: exactly
-half). A short-answer turn is asked plainly, with VLMEvalKit's VQA suffix, or as VLMEvalKit's multiple-choice
-prompt answered by a letter, so the tiny model learns the benchmark formats; yes/no turns are bare questions as
-in POPE; caption turns use COCO_VAL's prompt and one of the 5 caption phrasings.
+Question types (the `category` of every benchmark row) and how much of the image each needs:
+  cell     "What colour is cell F?" -> "red" (or "empty")                                   one cell
+  check    "Is cell F red?" -> "Yes" / "No" (half each)                                      one cell
+  row      "What is in row 2?" -> "E red F empty G blue H green"                             four cells
+  caption  COCO's caption prompt -> the filled cells in reading order: "A red C blue D purple ..."   every cell
+With the question fused into the vision tokens a one-cell question needs one token; a row needs about four and a
+caption about sixteen, so scores can rise with n_l even when the question is fused.
 
-Benchmarks (VLMEvalKit TSVs, images base64 PNG, each row its own held-out image drawn from a separate random
-stream, categories in a fixed rotation so every category has the same number of rows):
-  SYNTH_YORN     presence, cell_check                              answer Yes/No            (scored like POPE)
-  SYNTH_MCQ      cell_colour, cell_shape, count_colour, text       options A-D, answer letter (like SEEDBench_IMG)
-  SYNTH_VQA      cell_colour, cell_shape, count_colour, count_shape, text, grid
-                 answer: 10 references, the canonical answer (counts: 8 digits + 2 number words)   (like TextVQA)
-  SYNTH_CAPTION  caption; answer: the 5 caption phrasings                                     (like COCO_VAL)
+The scene in words, what stage 0 (data/synthetic/pretrain_llm.py) puts where the vision tokens go:
+  "A red B empty C blue ... P green" (all 16 cells, or a listed subset, in reading order).
+
+Training conversations hold 1-2 turns (so later questions, and n_s, are exercised), types drawn with weights
+cell 3, check 3, row 2, caption 1 (captions are rare: their 16-32 answer tokens would otherwise dominate the
+token-mean loss). A cell question is asked plainly (half of them), with VLMEvalKit's VQA suffix, or as
+VLMEvalKit's multiple-choice prompt answered by a letter, so the model learns the benchmark formats.
+
+Benchmarks (VLMEvalKit TSVs, images base64 PNG, each row a held-out image from its own random stream, categories in
+a fixed rotation so each has the same number of rows):
+  SYNTH_YORN     check            answer Yes/No, exactly half each          (scored like POPE)
+  SYNTH_MCQ      cell             options A-D, answer a letter              (like SEEDBench_IMG)
+  SYNTH_VQA      cell, row        10 references, all the canonical answer   (like TextVQA)
+  SYNTH_CAPTION  caption          one reference                             (like COCO_VAL)
 Outputs: train.jsonl, val.jsonl ({"image": "images/train/000000.png", "messages": [...]}), images/, bench/*.tsv,
 clip/ (tiny random CLIPModel + vocab.json + merges.txt), llama/ (tiny random LlamaForCausalLM + tokenizer.model).
 
-The tokenizer builders are importable without side effects (tests use them):
+Importable without side effects: the world (random_scene, render, scene_words, ask, conversation) for stage 0, and
+the tokenizer builders for the tests:
   train_llama_tokenizer(texts, out_dir, vocab_size) -> out_dir/tokenizer.model   (SentencePiece BPE, Llama rules)
   build_clip_vocab(texts, out_dir, num_merges) -> out_dir with vocab.json + merges.txt   (CLIP byte-level BPE)
 """
@@ -59,19 +57,19 @@ from dataclasses import asdict, dataclass
 @dataclass
 class Config:
     out_dir: str = "data/synthetic/out"
-    n_train: int = 2000  # training conversations (one image each)
+    n_train: int = 10000  # training conversations (one image each)
     n_val: int = 200
     n_bench: int = 150  # rows per benchmark TSV
     seed: int = 0
-    llama_vocab_size: int = 1000
+    llama_vocab_size: int = 512
     clip_merges: int = 1000
     # tiny random CLIP (vision + text tower) and Llama written under clip/ and llama/
     image_size: int = 112
     patch_size: int = 14
-    vision_width: int = 64
+    vision_width: int = 128
     vision_layers: int = 2
     vision_heads: int = 4
-    vision_mlp: int = 128
+    vision_mlp: int = 256
     text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
@@ -85,25 +83,22 @@ class Config:
     llm_max_positions: int = 2048
 
 
+GRID, CELL = 4, 28  # cells per side, pixels per cell
+CELL_NAMES = "ABCDEFGHIJKLMNOP"  # reading order
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 90, 220), "yellow": (235, 200, 30),
            "purple": (140, 60, 180), "orange": (245, 130, 20)}
-SHAPES = ("circle", "square", "triangle", "diamond")
-BACKGROUND, GRID_LINE, LABEL_PAPER, LABEL_INK = (238, 238, 238), (90, 90, 90), (255, 255, 255), (0, 0, 0)
-LABEL_BAND = 18
-LABEL_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no I/O/0/1: the code must be readable
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+EMPTY, BACKGROUND = "empty", (238, 238, 238)
+VALUES = (*COLOURS, EMPTY)
 SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions.")
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 CAPTION_PROMPT = ("Please describe this image in general. Directly provide the description, do not include "
                   "prefix like \"This image depicts\". ")
-TURN_WEIGHTS = {"cell_colour": 3, "cell_shape": 2, "count_colour": 2, "count_shape": 1, "text": 2, "grid": 1,
-                "presence": 2, "cell_check": 2, "describe": 1, "caption": 1}
-YES_NO = ("presence", "cell_check")
+TURN_WEIGHTS = {"cell": 3, "check": 3, "row": 2, "caption": 1}
 BENCH_CATEGORIES = {
-    "SYNTH_YORN": ("presence", "cell_check"),
-    "SYNTH_MCQ": ("cell_colour", "cell_shape", "count_colour", "text"),
-    "SYNTH_VQA": ("cell_colour", "cell_shape", "count_colour", "count_shape", "text", "grid"),
+    "SYNTH_YORN": ("check",),
+    "SYNTH_MCQ": ("cell",),
+    "SYNTH_VQA": ("cell", "row"),
     "SYNTH_CAPTION": ("caption",),
 }
 
@@ -112,129 +107,47 @@ BENCH_CATEGORIES = {
 # the world: scenes, images, questions
 
 def random_scene(rng):
-    rows, cols = rng.randint(3, 6), rng.randint(3, 6)
-    cells = [(r, c) for r in range(1, rows + 1) for c in range(1, cols + 1)]
-    occupied = sorted(rng.sample(cells, rng.randint(2, min(6, len(cells)))))
-    return {
-        "rows": rows, "cols": cols, "cell": rng.randint(32, 40), "label_on_top": rng.random() < 0.5,
-        "label": "".join(rng.choice(LABEL_CHARS) for _ in range(3)), "label_x": rng.random(),
-        "objects": {cell: (rng.choice(list(COLOURS)), rng.choice(SHAPES)) for cell in occupied},
-    }
+    """The 16 cells' values in reading order."""
+    return tuple(rng.choice(VALUES) for _ in range(GRID * GRID))
 
 
 def render(scene):
-    """Grid lines sit at multiples of the cell side, so cell (r, c) spans the pixels strictly between them."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
-    cell, rows, cols = scene["cell"], scene["rows"], scene["cols"]
-    grid_w, grid_h = cols * cell + 1, rows * cell + 1
-    image = Image.new("RGB", (grid_w, grid_h + LABEL_BAND), BACKGROUND)
+    image = Image.new("RGB", (GRID * CELL, GRID * CELL), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    top = LABEL_BAND if scene["label_on_top"] else 0
-    band_top = 0 if scene["label_on_top"] else grid_h
-    draw.rectangle((0, band_top, grid_w - 1, band_top + LABEL_BAND - 1), fill=LABEL_PAPER)
-    font = ImageFont.load_default(size=14)
-    text_w = draw.textlength(scene["label"], font=font)
-    draw.text((2 + scene["label_x"] * (grid_w - text_w - 4), band_top + 1), scene["label"], fill=LABEL_INK, font=font)
-    for i in range(cols + 1):
-        draw.line((i * cell, top, i * cell, top + grid_h - 1), fill=GRID_LINE)
-    for i in range(rows + 1):
-        draw.line((0, top + i * cell, grid_w - 1, top + i * cell), fill=GRID_LINE)
-    margin = cell // 6
-    for (r, c), (colour, shape) in scene["objects"].items():
-        x0, y0 = (c - 1) * cell + margin, top + (r - 1) * cell + margin
-        x1, y1 = c * cell - margin, top + r * cell - margin
-        cx, cy, fill = (x0 + x1) // 2, (y0 + y1) // 2, COLOURS[colour]
-        if shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-        elif shape == "triangle":
-            draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
-        else:
-            draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    for i, value in enumerate(scene):
+        if value != EMPTY:
+            r, c = divmod(i, GRID)
+            draw.rectangle((c * CELL, r * CELL, (c + 1) * CELL - 1, (r + 1) * CELL - 1), fill=COLOURS[value])
     return image
 
 
-def plural(shape):
-    return shape + "s"
+def scene_words(scene, cells=None):
+    """'A red B empty ...' for the given cell indices (all by default), in reading order."""
+    return " ".join(f"{CELL_NAMES[i]} {scene[i]}" for i in (range(len(scene)) if cells is None else sorted(cells)))
 
 
-def with_article(phrase):
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+def caption(scene):
+    return " ".join(f"{CELL_NAMES[i]} {value}" for i, value in enumerate(scene) if value != EMPTY)
 
 
-def join_names(names):
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
-def captions(scene):
-    """The 5 reference phrasings of the short caption (objects in reading order)."""
-    things = [f"{colour} {shape}" for colour, shape in scene["objects"].values()]
-    size, n = f"{scene['rows']} by {scene['cols']}", len(things)
-    return [f"A {size} grid: {', '.join(things)}.",
-            f"{join_names(things).capitalize()} in a {size} grid.",
-            f"A grid with {n} shapes: {', '.join(things)}.",
-            f"{n} shapes on a {size} grid: {', '.join(things)}.",
-            f"{', '.join(things).capitalize()}."]
-
-
-def description(scene):
-    parts = [f"The grid has {scene['rows']} rows and {scene['cols']} columns and the label reads {scene['label']}."]
-    for r in range(1, scene["rows"] + 1):
-        in_row = [f"{with_article(colour + ' ' + shape)} in column {c}"
-                  for (row, c), (colour, shape) in scene["objects"].items() if row == r]
-        parts.append(f"Row {r}: {join_names(in_row)}." if in_row else f"Row {r} is empty.")
-    return " ".join(parts)
-
-
-def ask(scene, category, rng, yes=None):
-    """One question of the given category: (question, canonical answer, 3 wrong options or None).
-    yes: for yes/no categories, force the answer (benchmarks balance it exactly); None draws it."""
-    yes = rng.random() < 0.5 if yes is None else yes
-    objects = scene["objects"]
-    (r, c), (colour, shape) = rng.choice(sorted(objects.items()))
-    where = f"row {r}, column {c}"
-    if category == "cell_colour":
-        return f"What colour is the shape in {where}?", colour, rng.sample([x for x in COLOURS if x != colour], 3)
-    if category == "cell_shape":
-        return f"What shape is in {where}?", shape, [x for x in SHAPES if x != shape]
-    if category in ("count_colour", "count_shape"):
-        # a present value 3 times in 4, so the answer is not mostly "0"
-        present = sorted({v[0] if category == "count_colour" else v[1] for v in objects.values()})
-        pool = list(COLOURS) if category == "count_colour" else list(SHAPES)
-        value = rng.choice(present) if rng.random() < 0.75 else rng.choice(pool)
-        index = 0 if category == "count_colour" else 1
-        count = sum(v[index] == value for v in objects.values())
-        question = f"How many {value} shapes are there?" if index == 0 else f"How many {plural(value)} are there?"
-        return question, str(count), [str(n) for n in rng.sample([n for n in range(8) if n != count], 3)]
-    if category == "text":
-        label = scene["label"]
-        wrong = set()
-        while len(wrong) < 3:  # one character changed: reading, not guessing
-            i = rng.randrange(3)
-            candidate = label[:i] + rng.choice(LABEL_CHARS.replace(label[i], "")) + label[i + 1:]
-            wrong.add(candidate)
-        return "What text is written on the label?", label, sorted(wrong)
-    if category == "grid":
-        axis = rng.choice(("rows", "columns"))
-        n = scene["rows"] if axis == "rows" else scene["cols"]
-        return f"How many {axis} does the grid have?", str(n), [str(x) for x in range(3, 7) if x != n]
-    if category == "presence":
-        present = set(objects.values())
-        if yes:
-            colour, shape = rng.choice(sorted(present))
-        else:
-            colour, shape = rng.choice([(x, y) for x in COLOURS for y in SHAPES if (x, y) not in present])
-        answer = "Yes" if (colour, shape) in present else "No"
-        return f"Is there {with_article(colour + ' ' + shape)} in the image?", answer, None
-    if category == "cell_check":
-        named = colour if yes else rng.choice([x for x in COLOURS if x != colour])
-        return f"Is the shape in {where} {named}?", "Yes" if named == colour else "No", None
-    if category == "describe":
-        return "Describe the image in detail.", description(scene), None
+def ask(scene, category, rng, yes=None, cells=None):
+    """One question: (question, canonical answer, 3 wrong options or None). yes: for check questions, force the
+    answer (the benchmark balances it exactly); None draws it. cells: the cells a one-cell question may ask about."""
+    i = rng.choice(sorted(cells) if cells is not None else range(len(scene)))
+    name, value = CELL_NAMES[i], scene[i]
+    if category == "cell":
+        return f"What colour is cell {name}?", value, rng.sample([v for v in VALUES if v != value], 3)
+    if category == "check":
+        yes = rng.random() < 0.5 if yes is None else yes
+        named = value if yes else rng.choice([v for v in VALUES if v != value])
+        return f"Is cell {name} {named}?", "Yes" if yes else "No", None
+    if category == "row":
+        r = rng.randrange(GRID)
+        return f"What is in row {r + 1}?", scene_words(scene, range(r * GRID, (r + 1) * GRID)), None
     if category == "caption":
-        return CAPTION_PROMPT, rng.choice(captions(scene)), None
+        return CAPTION_PROMPT, caption(scene), None
     raise ValueError(f"unknown question category {category!r}")
 
 
@@ -250,11 +163,11 @@ def shuffled_options(answer, wrong, rng):
     return options, "ABCD"[options.index(answer)]
 
 
-def training_turn(scene, category, rng):
-    question, answer, wrong = ask(scene, category, rng)
+def training_turn(scene, category, rng, cells=None):
+    question, answer, wrong = ask(scene, category, rng, cells=cells)
     if wrong is None:
         return question, answer
-    style = rng.choice(("plain", "vqa", "mcq"))
+    style = rng.choice(("plain", "plain", "vqa", "mcq"))
     if style == "vqa":
         return question + VQA_SUFFIX, answer
     if style == "mcq":
@@ -263,19 +176,17 @@ def training_turn(scene, category, rng):
     return question, answer
 
 
-def conversation(scene, rng):
-    categories, weights = list(TURN_WEIGHTS), list(TURN_WEIGHTS.values())
+def conversation(scene, rng, cells=None):
+    """1-2 turns. cells: what the context tells of the scene (stage 0 lists a subset); questions then stay within
+    it (one-cell questions only, unless every cell is known)."""
+    known_all = cells is None or len(cells) == len(scene)
+    categories = [c for c in TURN_WEIGHTS if known_all or c in ("cell", "check")]
+    weights = [TURN_WEIGHTS[c] for c in categories]
     messages = []
-    for _ in range(rng.randint(2, 4)):
-        question, answer = training_turn(scene, rng.choices(categories, weights)[0], rng)
+    for _ in range(rng.randint(1, 2)):
+        question, answer = training_turn(scene, rng.choices(categories, weights)[0], rng, cells)
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return messages
-
-
-def vqa_references(answer):
-    if answer.isdigit():
-        return [answer] * 8 + [NUMBER_WORDS[int(answer)]] * 2
-    return [answer] * 10
 
 
 def png_base64(image):
@@ -298,9 +209,9 @@ def benchmark_rows(name, n_rows, rng):
             options, letter = shuffled_options(answer, wrong, rng)
             rows.append([str(i), image, question, *options, letter, category])
         elif name == "SYNTH_VQA":
-            rows.append([str(i), image, question, repr(vqa_references(answer)), category])
+            rows.append([str(i), image, question, repr([answer] * 10), category])
         elif name == "SYNTH_CAPTION":
-            rows.append([str(i), image, question, repr(captions(scene)), category])
+            rows.append([str(i), image, question, repr([answer]), category])
         else:
             rows.append([str(i), image, question, answer, category])
     return header, rows
@@ -328,8 +239,15 @@ def write_split(out_dir, split, n, rng):
 CLIP_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-def train_llama_tokenizer(texts, out_dir, vocab_size):
-    """SentencePiece BPE with Llama-2's settings: <unk>=0, <s>=1, </s>=2, no pad, byte fallback, split digits."""
+# The chat template's pieces and the system prompt start every sequence; as single pieces of the tiny tokenizer they
+# cost 11 tokens (about 50 for Llama-2's), not the ~100 the tiny BPE would split them into, which would make the
+# fixed prefix most of every miniature sequence and of its compute.
+TEMPLATE_PIECES = (SYSTEM_PROMPT, "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
+
+
+def train_llama_tokenizer(texts, out_dir, vocab_size, whole_pieces=()):
+    """SentencePiece BPE with Llama-2's settings: <unk>=0, <s>=1, </s>=2, no pad, byte fallback, split digits;
+    whole_pieces: strings that are always one piece each."""
     import sentencepiece as spm
 
     os.makedirs(out_dir, exist_ok=True)
@@ -341,6 +259,7 @@ def train_llama_tokenizer(texts, out_dir, vocab_size):
         byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, normalization_rule_name="identity", character_coverage=1.0,
         input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=2,
+        user_defined_symbols=[piece.replace(" ", "\u2581") for piece in whole_pieces],
     )
     path = os.path.join(out_dir, "tokenizer.model")
     with open(path, "wb") as f:
@@ -455,9 +374,7 @@ def main(cfg):
                 assert not any("\t" in field or "\n" in field for field in row[3:]), row[3:]
                 f.write("\t".join(row) + "\n")
     t1 = time.time()
-    # the Llama chat template's pieces are text too: the tiny tokenizer should know them
-    tokenizer_texts = texts + [SYSTEM_PROMPT, "[INST] <<SYS>>\n", "\n<</SYS>>\n\n", "[/INST]"]
-    train_llama_tokenizer(tokenizer_texts, os.path.join(out, "llama"), cfg.llama_vocab_size)
+    train_llama_tokenizer(texts, os.path.join(out, "llama"), cfg.llama_vocab_size, TEMPLATE_PIECES)
     build_clip_vocab(texts, os.path.join(out, "clip"), cfg.clip_merges)
     with open(os.path.join(out, "clip", "vocab.json"), encoding="utf-8") as f:
         clip_vocab = json.load(f)
