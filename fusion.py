@@ -28,6 +28,11 @@ Conversation -> the LLM sequence (Llama-2 chat), each piece encoded on its own w
   has (SentencePiece encodes it as a lone "▁"). Labels: the answer piece's tokens and its </s>, -100 elsewhere,
   not shifted. With an empty system prompt turn 1 starts like turn t. A generation prompt ends after the last
   "[/INST]". Texts are used as written (no strip; <bbox> tags as the loader mapped them, see below).
+  chat_template="vicuna" (Vicuna v1.1, the layout Vicuna-7B/13B v1.5 were tuned with: "{system} USER: {Q}
+  ASSISTANT: {A}</s>USER: ..."), the same pieces and labels, one <s> for the whole conversation:
+  turn 1:  <s> | "{system}" | "USER:" | n_l slots | "{Q1}" | "ASSISTANT:" | "{A1}" | </s>
+  turn t:        "USER:"              | n_s slots | "{Qt}" | "ASSISTANT:" | "{At}" | </s>
+  and a generation prompt ends after the last "ASSISTANT:".
 
 Stage 1 also gets one CLIP row per turn: the answer's tokens (at most max_answer_tokens - 1) + EOS, truncated
 before the EOS is appended so every row ends in exactly one EOS.
@@ -79,6 +84,7 @@ class TokenSpaceConfig:
                                     # lose trailing turns
     max_answer_tokens: int = 512    # CLIP tokens of one stage-1 answer row incl. EOS (the text tower's positions)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    chat_template: str = "llama-2"  # the LLM's conversation layout: one of CHAT_TEMPLATES
 
 
 # -----------------------------------------------------------------------------
@@ -154,6 +160,7 @@ def image_crops(img, size, num_crops):
 
 IGNORE = -100   # label of positions without loss
 SLOT_ID = 0     # LLM placeholder id at the positions the bridge outputs overwrite
+CHAT_TEMPLATES = ("llama-2", "vicuna")
 
 
 class TokenSpace:
@@ -171,16 +178,26 @@ class TokenSpace:
             raise ValueError(f"n_l and n_s must be >= 1, got n_l={cfg.n_l}, n_s={cfg.n_s}")
         if cfg.image_size < 1 or cfg.num_crops < 0 or cfg.max_answer_tokens < 1:
             raise ValueError(f"bad token-space sizes in {cfg}")
+        if cfg.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got {cfg.chat_template!r}")
         self.cfg = cfg
         self.sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(cfg.llama_path, "tokenizer.model"))
         self.bos, self.eos = self.sp.bos_id(), self.sp.eos_id()  # 1, 2 for Llama-2
         self.clip = CLIPTokenizer(vocab=os.path.join(cfg.clip_path, "vocab.json"),
                                   merges=os.path.join(cfg.clip_path, "merges.txt"))
         self.clip_eos = self.clip.eos_token_id  # <|endoftext|>, 49407 for real CLIP
-        system = f"[INST] <<SYS>>\n{cfg.system_prompt}\n<</SYS>>\n\n" if cfg.system_prompt else "[INST]"
-        self.first_head = [self.bos] + self.sp.encode(system)
-        self.later_head = [self.bos] + self.sp.encode("[INST]")
-        self.close_inst = self.sp.encode("[/INST]")
+        # a turn: head + slots + question + close + answer piece + </s>
+        if cfg.chat_template == "llama-2":
+            system = f"[INST] <<SYS>>\n{cfg.system_prompt}\n<</SYS>>\n\n" if cfg.system_prompt else "[INST]"
+            self.first_head = [self.bos] + self.sp.encode(system)
+            self.later_head = [self.bos] + self.sp.encode("[INST]")
+            self.close_question = self.sp.encode("[/INST]")
+            self.answer_end = " "
+        else:  # vicuna
+            self.first_head = [self.bos] + (self.sp.encode(cfg.system_prompt) if cfg.system_prompt else []) + self.sp.encode("USER:")
+            self.later_head = self.sp.encode("USER:")
+            self.close_question = self.sp.encode("ASSISTANT:")
+            self.answer_end = ""
 
     def clip_ids(self, text):
         # split_special_tokens: a literal "<|endoftext|>" in the text must not become an EOS
@@ -190,12 +207,12 @@ class TokenSpace:
         """One turn's LLM ids, slot flags and labels (lists); answer None ends the turn after [/INST]."""
         n = self.cfg.n_l if index == 0 else self.cfg.n_s
         head = self.first_head if index == 0 else self.later_head
-        prompt = self.sp.encode(question) + self.close_inst
+        prompt = self.sp.encode(question) + self.close_question
         ids = head + [SLOT_ID] * n + prompt
         slots = [False] * len(head) + [True] * n + [False] * len(prompt)
         labels = [IGNORE] * len(ids)
         if answer is not None:
-            reply = self.sp.encode(answer + " ") + [self.eos]
+            reply = self.sp.encode(answer + self.answer_end) + [self.eos]
             ids, slots, labels = ids + reply, slots + [False] * len(reply), labels + reply
         return ids, slots, labels
 

@@ -6,8 +6,8 @@ Every network of tokenspace, in one file, nanoGPT style:
     fused outputs at the query/EOS positions -> Linear bridge -> frozen Llama = FusedVLM
 
 plus the CLIP text tower used as the target of stage-1 alignment (AlignModel), the loaders that read
-Hugging Face folders (safetensors only, strict key map), our checkpoint format, the optimizer and schedule,
-and the FLOP count behind MFU.
+Hugging Face folders (safetensors only, strict key map), our checkpoint format and the FLOP count behind MFU.
+What a training run adds around them (optimizer, schedule, exact resume, FSDP) is in training.py.
 
 The vision-token count the LLM sees is the paper's knob n_l: it is set by the data (how many query slots
 fusion.py writes), not by the model, so one trained model can be run at any n_l up to n_queries + 1.
@@ -15,15 +15,14 @@ fusion.py writes), not by the model, so one trained model can be run at any n_l 
 import json
 import math
 import os
-import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 # -----------------------------------------------------------------------------
 # Configs. Defaults are the paper's: CLIP ViT-H/14 at 336 px, a 12-layer fused model, Llama-2-7B.
@@ -391,8 +390,10 @@ class Llama(nn.Module):
         return torch.stack(new_tokens, dim=1)
 
     @staticmethod
-    def from_hf(path, dtype=None):
-        """Llama from a LlamaForCausalLM folder (single or sharded safetensors). dtype None keeps float32."""
+    def from_hf(path, dtype=None, shard=None):
+        """Llama from a LlamaForCausalLM folder (single or sharded safetensors). dtype None keeps float32.
+        shard: a function that shards the still empty (meta-device) model across ranks and allocates each rank's
+        part (training.py's FSDP set-up); the weights are then read into the shards."""
         config = _read_config(path)
         for unsupported in ("rope_scaling", "attention_bias", "mlp_bias"):
             if config.get(unsupported):
@@ -405,6 +406,8 @@ class Llama(nn.Module):
         if config.get("head_dim", cfg.dim // cfg.heads) != cfg.dim // cfg.heads:
             raise ValueError(f"{path}/config.json: head_dim != hidden_size / num_attention_heads is not supported")
         llama = _build(Llama, cfg)
+        if shard is not None:
+            shard(llama.to(dtype or torch.float32))
         hf = llama.hf_names(tied=config.get("tie_word_embeddings", False))
         _load_strict(llama, path, hf, dtype=dtype or torch.float32)
         return llama
@@ -626,7 +629,9 @@ def _build(cls, cfg):
 
 
 def _load_strict(module, path, hf_names, dtype=None):
-    """Fill every tensor of `module` from the HF folder; hf_names maps our key -> the checkpoint's key."""
+    """Fill every tensor of `module` from the HF folder; hf_names maps our key -> the checkpoint's key. Into a
+    module that FSDP has already sharded (DTensor parameters, training.py) each rank copies only its shard, one
+    tensor at a time, so the whole model is never in one process's memory."""
     files = weight_files(path)
     missing = [hf for hf in hf_names.values() if hf not in files]
     if missing:
@@ -641,8 +646,14 @@ def _load_strict(module, path, hf_names, dtype=None):
                 t = f.get_tensor(hf)
                 if tuple(t.shape) != tuple(expected[ours].shape):
                     raise ValueError(f"{path}: {hf} has shape {tuple(t.shape)}, the config implies {tuple(expected[ours].shape)}")
-                tensors[ours] = t.to(dtype) if dtype is not None else t.float()
-    module.load_state_dict(tensors, strict=True, assign=True)
+                t = t.to(dtype) if dtype is not None else t.float()
+                if isinstance(expected[ours], DTensor):
+                    shard = expected[ours]
+                    shard.copy_(distribute_tensor(t.to(shard.device), shard.device_mesh, shard.placements, src_data_rank=None))
+                else:
+                    tensors[ours] = t
+    if tensors:
+        module.load_state_dict(tensors, strict=True, assign=True)
 
 
 # -----------------------------------------------------------------------------
@@ -688,100 +699,16 @@ def load_trainable(module, tensors, path, unused_prefixes=()):
     module.load_state_dict({k: tensors[k] for k in expected}, strict=False)
 
 
+def __getattr__(name):
+    # the optimizer and schedule moved to training.py; data/synthetic's scripts still import them from here
+    if name in ("configure_optimizer", "cosine_lr"):
+        import training
+        return getattr(training, name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")
 
-# A training checkpoint adds what an exact resume needs: optimizer state, every rank's RNG states, the cursor.
-
-
-def rng_state(device):
-    """This process's RNG states; a training script gathers one per rank."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def save_training_checkpoint(path, model, weights, optimizer, rank_rng_states, meta):
-    """weights: the trainable state dict; rank_rng_states: rng_state() of every rank, in rank order."""
-    tensors = {f"model.{k}": v for k, v in weights.items()}
-    tensors.update(optimizer_tensors(model, optimizer))
-    for r, state in enumerate(rank_rng_states):
-        tensors[f"rng.torch.{r}"] = state["torch"]
-        if state["cuda"] is not None:
-            tensors[f"rng.cuda.{r}"] = state["cuda"]
-    meta = dict(meta, rng_python=[[s["python"][0], list(s["python"][1]), s["python"][2]] for s in rank_rng_states],
-                rng_numpy=[[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in rank_rng_states])
-    save_checkpoint(path, tensors, meta)
-
-
-def check_resumable(path, meta, stage, model_cfg, train_cfg, data_order_keys, world_size):
-    """Stops unless the checkpoint can continue this run exactly; returns the other settings that changed."""
-    if meta.get("stage") != stage:
-        raise SystemExit(f"{path}: a {meta.get('stage')!r} checkpoint, this run trains {stage!r}")
-    expected = json.loads(json.dumps(asdict(model_cfg)))
-    if meta["model_config"] != expected:
-        diff = {k: (meta["model_config"].get(k), v) for k, v in expected.items() if meta["model_config"].get(k) != v}
-        raise SystemExit(f"{path}: model config differs from this run's (checkpoint, now): {diff}")
-    for key in data_order_keys:
-        if meta["train_config"][key] != getattr(train_cfg, key):
-            raise SystemExit(f"{path}: {key}={meta['train_config'][key]} in the checkpoint, {getattr(train_cfg, key)} "
-                             f"now: the data order would not continue; resume with the checkpoint's value")
-    if meta["world_size"] != world_size:
-        raise SystemExit(f"{path}: saved by {meta['world_size']} processes, resumed by {world_size}: use the same count")
-    return {k: (v, getattr(train_cfg, k)) for k, v in meta["train_config"].items()
-            if k != "resume" and v != getattr(train_cfg, k)}
-
-
-def restore_training_state(path, tensors, meta, model, optimizer, rank, device):
-    """Trained weights, optimizer and this rank's RNG states from a training checkpoint; returns the step."""
-    load_trainable(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, path)
-    load_optimizer_tensors(model, optimizer, tensors)
-    torch.set_rng_state(tensors[f"rng.torch.{rank}"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"], device)
-    version, state, gauss = meta["rng_python"][rank]
-    random.setstate((version, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = meta["rng_numpy"][rank]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    return meta["step"]
 
 # -----------------------------------------------------------------------------
-# Optimizer, schedule, FLOPs.
-
-
-def configure_optimizer(model, lr, weight_decay, betas, device_type):
-    """AdamW over trainable parameters only; matrices decay, norms/biases/embeddings-as-vectors do not."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.dim() >= 2]
-    no_decay = [p for n, p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
-
-
-def optimizer_tensors(model, optimizer):
-    """AdamW state keyed by parameter name, for save_checkpoint."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = {}
-    for p, state in optimizer.state.items():
-        for key, value in state.items():
-            out[f"optim.{names[id(p)]}.{key}"] = value
-    return out
-
-
-def load_optimizer_tensors(model, optimizer, tensors):
-    for name, p in model.named_parameters():
-        if p.requires_grad and f"optim.{name}.step" in tensors:
-            state = {key: tensors[f"optim.{name}.{key}"].to(p.device) for key in ("exp_avg", "exp_avg_sq")}
-            # AdamW keeps `step` on the CPU unless it is fused (or capturable), where it lives with the parameter
-            state["step"] = tensors[f"optim.{name}.step"].to(p.device if optimizer.defaults.get("fused") else "cpu")
-            optimizer.state[p] = state
-
-
-def cosine_lr(step, max_steps, lr, warmup_ratio, min_lr=0.0):
-    """Linear warm-up over warmup_ratio * max_steps, then cosine to min_lr (step counts from 0)."""
-    warmup = math.ceil(warmup_ratio * max_steps)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
+# FLOPs: the count behind MFU.
 
 # bf16 dense peak FLOP/s; matched by substring against torch.cuda.get_device_name().
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,

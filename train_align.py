@@ -22,30 +22,32 @@ So gradient accumulation is not a bigger contrastive batch: a step averages the 
 micro-batches of batch_size conversations each, and batch_size (x world_size when gathering) sets how many
 negatives a turn sees. Micro-batch j of a step goes to rank j % world_size, so one process with grad_accum=2A
 trains exactly like two with grad_accum=A.
+
+fsdp=True (torchrun) shards the model, its gradients and AdamW state over the ranks, block by block (training.py);
+the logit scale, a scalar fully_shard cannot cut, stays whole on every rank and its gradient is averaged by hand,
+as DDP would. val_file: every eval_interval steps and at the end, the loss above on every validation batch of
+batch_size conversations in file order (negatives from the same batch, never gathered), averaged over the batches.
 """
 import json
 import math
 import os
-import random
-import resource
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint
 
-from configurator import parse_config
 from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, step_batches
-from model import (AlignModel, CLIPText, FusedVLMConfig, ViT, check_resumable, configure_optimizer, cosine_lr,
-                   load_checkpoint, peak_flops, restore_training_state, rng_state, save_training_checkpoint, train_flops)
+from model import AlignModel, CLIPText, FusedVLMConfig, ViT, load_trainable, peak_flops
+from training import (StepLog, all_reduce, check_inputs, checkpoint_meta, claim_out_dir, clip_gradients,
+                      configure_optimizer, cosine_lr, epoch_steps, gradient_sync, read_config, read_resumable,
+                      restore_training_state, save_training_checkpoint, seed_everything, set_lr, shard,
+                      trained_weights, val_batches, wrap_blocks, write_metrics)
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Config:
     skip_bad: bool = False  # count and skip malformed JSONL lines instead of stopping at the first
     resume: bool = False  # continue out_dir/ckpt.safetensors exactly
     stop_at_step: int = 0  # end this run early (with a checkpoint) at this step, e.g. for a job time limit
+    val_file: str = ""  # in data_dir, like train_file; empty: no validation loss
+    eval_interval: int = 200  # steps between validation losses (and one at the end)
     log_interval: int = 10
     ckpt_interval: int = 200
     seed: int = 1337  # model init and the data order
@@ -69,6 +73,7 @@ class Config:
     n_l: int = 256
     n_s: int = 8
     max_seq_len: int = 4096
+    chat_template: str = "llama-2"  # the LLM layout that decides what fits max_seq_len: llama-2 or vicuna
     # model
     fused_layers: int = 12
     fused_heads: int = 20
@@ -88,15 +93,12 @@ class Config:
     grad_clip: float = 1.0  # 0 disables
     # system
     dtype: str = "bfloat16"  # autocast dtype on GPU ("bfloat16" or "float32"); CPU always runs float32
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2)
     compile: bool = False  # torch.compile each ViT and fused-model block
     activation_checkpointing: bool = False  # recompute each ViT, fused and text block in the backward
 
 
-cfg, positional = parse_config(Config(), sys.argv[1:])
-if positional:
-    sys.exit(f"unexpected arguments {positional}: use --key=value")
-if cfg.dtype not in ("bfloat16", "float32"):
-    sys.exit(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
+cfg = read_config(Config(), sys.argv[1:], "train_align.py")
 
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
@@ -117,48 +119,33 @@ master = rank == 0
 log = print if master else (lambda *args, **kwargs: None)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and cfg.dtype == "bfloat16" else nullcontext()
+bf16 = device.type == "cuda" and cfg.dtype == "bfloat16"
+autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
 log(json.dumps(asdict(cfg), indent=1))
 log(f"device {device}, world size {world_size}")
 
-train_path = os.path.join(cfg.data_dir, cfg.train_file)  # train_file may also be absolute
-for key, path, remedy in [
-        ("clip_path", cfg.clip_path, "download a CLIP checkpoint folder (config.json, model.safetensors, vocab.json, merges.txt), "
-                                     "e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K from the Hugging Face hub, and put it there"),
-        ("llama_path", cfg.llama_path, "download the Llama-2 folder with tokenizer.model, e.g. meta-llama/Llama-2-7b-chat-hf, and put it there"),
-        ("train_file", train_path, "download the data set and write our JSONL there with data/<name>/prepare.py")]:
-    if not os.path.exists(path):
-        sys.exit(f"{key}: {path!r} does not exist: {remedy} (or pass --{key}=...)")
-ckpt_path = os.path.join(cfg.out_dir, "ckpt.safetensors")
-if not cfg.resume and os.path.exists(ckpt_path):
-    sys.exit(f"{ckpt_path} exists: pass --resume=True to continue it, or choose another out_dir")
-if master:
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if not cfg.resume:
-        open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()  # a fresh run, a fresh log
+train_path, val_path = check_inputs(cfg, "download the Llama-2 folder with tokenizer.model, e.g. "
+                                         "meta-llama/Llama-2-7b-chat-hf, and put it there")
+ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, master)
 
 # -----------------------------------------------------------------------------
 # data: fusion.step_batches cuts a seeded permutation per epoch into steps of global_batch conversations, the same
 # micro-batches for any split into ranks x accumulation.
 token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cfg.llama_path, image_size=cfg.image_size,
                                           num_crops=cfg.num_crops, n_l=cfg.n_l, n_s=cfg.n_s, max_seq_len=cfg.max_seq_len,
-                                          max_answer_tokens=cfg.text_max_positions))
+                                          max_answer_tokens=cfg.text_max_positions, chat_template=cfg.chat_template))
 dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
 log(dataset.summary())
 global_batch = cfg.batch_size * cfg.grad_accum * world_size
-steps_per_epoch = len(dataset) // global_batch
-if steps_per_epoch == 0:
-    sys.exit(f"{len(dataset)} samples do not fill one global batch of {global_batch}: lower batch_size or grad_accum")
-log(f"global batch {global_batch} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} processes; "
-    f"{steps_per_epoch} steps per epoch; each epoch leaves out {len(dataset) - steps_per_epoch * global_batch} samples "
-    f"(a different random set every epoch)")
+steps_per_epoch = epoch_steps(len(dataset), cfg.batch_size, cfg.grad_accum, world_size, log)
+if val_path:
+    val_set = ConversationDataset(val_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
+    log(f"validation: {val_set.summary()}")
 
 
 # -----------------------------------------------------------------------------
 # model: CLIP's vision trunk and text tower from clip_path, the fused model and the alignment head random.
-torch.manual_seed(cfg.seed)
-random.seed(cfg.seed)
-np.random.seed(cfg.seed)
+seed_everything(cfg.seed)
 vit = ViT.from_hf(cfg.clip_path, image_size=cfg.image_size)
 text = CLIPText.from_hf(cfg.clip_path, max_positions=cfg.text_max_positions)
 if text.cfg.eos_token_id != token_space.clip_eos:  # the tower pools at its config's EOS id, the answer rows end in this one
@@ -170,43 +157,30 @@ raw_model = AlignModel(model_cfg)
 raw_model.vision.vit.load_state_dict(vit.state_dict())
 raw_model.text.load_state_dict(text.state_dict())
 del vit, text
-raw_model.to(device)
-for block in [*raw_model.vision.vit.layers, *raw_model.fused.layers, *raw_model.text.layers]:
-    if cfg.activation_checkpointing:
-        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
-    if cfg.compile:
-        block.compile()  # per block: the fused model's variable crop counts would recompile a whole-model graph
-model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else raw_model
-log(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M trainable parameters")
+if cfg.resume:
+    resumed, resumed_meta = read_resumable(ckpt_path, "align", model_cfg, cfg, ("seed", "batch_size", "grad_accum"),
+                                           world_size, log)
+    load_trainable(raw_model, trained_weights(resumed), ckpt_path)
+blocks = [*raw_model.vision.vit.layers, *raw_model.fused.layers, *raw_model.text.layers]
+wrap_blocks(blocks, cfg.activation_checkpointing, cfg.compile)
+if cfg.fsdp:
+    shard(raw_model, blocks, device, bf16, ignored=[raw_model.logit_scale])  # moves the shards to device
+    raw_model.logit_scale.data = raw_model.logit_scale.data.to(device)  # ignored, so not moved
+    model = raw_model
+else:
+    raw_model.to(device)
+    model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else raw_model
+log(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M trainable parameters"
+    f"{f', sharded over {world_size} processes' if cfg.fsdp else ''}")
 
 optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
-start_step = 0
-if cfg.resume:
-    tensors, meta = load_checkpoint(ckpt_path)
-    changed = check_resumable(ckpt_path, meta, "align", model_cfg, cfg, ("seed", "batch_size", "grad_accum"), world_size)
-    if changed:
-        log(f"resuming with changed settings (checkpoint, now): {changed}")
-    start_step = restore_training_state(ckpt_path, tensors, meta, raw_model, optimizer, rank, device)
-    log(f"resumed from {ckpt_path} at step {start_step}")
+start_step = (restore_training_state(ckpt_path, resumed, resumed_meta, raw_model, optimizer, rank, device, log)
+              if cfg.resume else 0)
 
 
 def save(step):
-    """Trainable weights, optimizer, schedule position, data cursor, every rank's RNG states, configs: atomically."""
-    states = [None] * world_size
-    if ddp:
-        dist.all_gather_object(states, rng_state(device))
-    else:
-        states = [rng_state(device)]
-    if not master:
-        return
-    epoch, cursor = divmod(step, steps_per_epoch)
-    meta = {"stage": "align", "step": step, "data_seed": cfg.seed, "epoch": epoch, "cursor": cursor,
-            "steps_per_epoch": steps_per_epoch, "world_size": world_size, "train_config": asdict(cfg),
-            "model_config": asdict(model_cfg), "clip_path": os.path.abspath(cfg.clip_path),
-            "llama_path": os.path.abspath(cfg.llama_path),
-            "token_space": {k: v for k, v in asdict(token_space.cfg).items() if not k.endswith("_path")}}
-    save_training_checkpoint(ckpt_path, raw_model, raw_model.state_dict(), optimizer, states, meta)
-    log(f"saved {ckpt_path} at step {step}")
+    meta = checkpoint_meta("align", step, steps_per_epoch, world_size, cfg, model_cfg, token_space)
+    save_training_checkpoint(ckpt_path, raw_model, raw_model.state_dict(), optimizer, meta, device, log)
 
 
 # -----------------------------------------------------------------------------
@@ -223,14 +197,14 @@ def gather_rows(x):
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
-def align_loss(questions, answers, fused, logit_scale):
+def align_loss(questions, answers, fused, logit_scale, gather=cfg.gather_negatives):
     """-> (contrastive, eye) for one micro-batch; see the docstring at the top."""
     questions, answers, fused = questions.float(), answers.float(), fused.float()
     if cfg.text_outlier_sigma > 0:
         mean, std = answers.mean(), answers.std()
         answers = torch.where((answers - mean).abs() <= cfg.text_outlier_sigma * std, answers, 0.0)
     q, a = F.normalize(questions, dim=-1), F.normalize(answers, dim=-1)
-    if cfg.gather_negatives:
+    if gather:
         q, a = gather_rows(q), gather_rows(a)
     logits = logit_scale.exp() * q @ a.T  # (A, A): row i's positive is column i
     targets = torch.arange(len(q), device=q.device)
@@ -240,60 +214,61 @@ def align_loss(questions, answers, fused, logit_scale):
     return contrastive, eye
 
 
+@torch.no_grad()
+def val_loss():
+    """The loss of every validation batch (training.val_batches: every rank a share), averaged over the batches."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
+    for batch, counted in val_batches(val_set, cfg.batch_size, rank, world_size, cfg.num_workers, device.type == "cuda"):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast:
+            questions, answers, fused = raw_model(batch)  # under DDP the module itself: no gradient hooks
+        contrastive, eye = align_loss(questions, answers, fused, raw_model.logit_scale, gather=False)
+        if counted:
+            sums += torch.stack([(contrastive + cfg.eye_weight * eye).double(), torch.ones((), dtype=torch.float64, device=device)])
+    sums = all_reduce(sums)
+    return (sums[0] / sums[1]).item()
+
+
 # -----------------------------------------------------------------------------
 # training loop
-peak = peak_flops(device)
 batches = step_batches(dataset, start_step, steps_per_epoch, cfg.batch_size, cfg.grad_accum, rank, world_size,
                        cfg.seed, cfg.num_workers, pin_memory=device.type == "cuda")
-t_start = t_log = time.time()
-steps_since_log = steps_run = 0
-totals = torch.zeros(3, dtype=torch.float64, device=device)  # since the last log: samples, fused tokens, FLOPs
+step_log = StepLog(raw_model, device, world_size, peak_flops(device), log)
+t_start = time.time()
+steps_run = 0
 for step in range(start_step, cfg.max_iters):
     lr = cosine_lr(step, cfg.max_iters, cfg.lr, cfg.warmup_ratio)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for micro_step, batch in enumerate(next(batches)):
-        fused_tokens = len(batch["crop_to_sample"]) * raw_model.vision.tokens_per_crop() + int(batch["fused_attention_mask"].sum())
-        flops = train_flops(raw_model, batch)  # on the host copy: no device syncs
-        totals += torch.tensor([len(batch["fused_ids"]), fused_tokens, flops], dtype=torch.float64, device=device)
+        step_log.count(batch)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        last = micro_step == cfg.grad_accum - 1
-        with model.no_sync() if ddp and not last else nullcontext():  # forward AND backward, or nothing is skipped
+        with gradient_sync(model, last_micro_step=micro_step == cfg.grad_accum - 1):
             with autocast:
                 questions, answers, fused = model(batch)
             contrastive, eye = align_loss(questions, answers, fused, raw_model.logit_scale)
             ((contrastive + cfg.eye_weight * eye) / cfg.grad_accum).backward()
         loss_sum += (contrastive + cfg.eye_weight * eye).detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if cfg.fsdp:  # the whole logit scale on every rank: average its gradient as DDP does
+        all_reduce(raw_model.logit_scale.grad).div_(world_size)
+    grad_norm = clip_gradients(list(raw_model.parameters()), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         raw_model.logit_scale.clamp_(max=math.log(100))  # CLIP's cap on the temperature
     step_done = step + 1
-    steps_since_log += 1
+    step_log.step_done()
     steps_run += 1
 
     if step_done % cfg.log_interval == 0 or step_done == cfg.max_iters or step_done == cfg.stop_at_step:
-        stats = torch.cat([loss_sum.view(1), totals])
-        if ddp:
-            dist.all_reduce(stats)
-        loss = stats[0].item() / (cfg.grad_accum * world_size)
-        dt = (time.time() - t_log) / steps_since_log
-        samples_s, tokens_s = stats[1].item() / steps_since_log / dt, stats[2].item() / steps_since_log / dt
-        mfu = stats[3].item() / steps_since_log / dt / (peak * world_size) if peak else None
-        memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
-        log(f"step {step_done}/{cfg.max_iters} | loss {loss:.5f} | lr {lr:.3e} | {dt * 1000:.0f} ms/step | "
-            f"{samples_s:.1f} samples/s | {tokens_s:.0f} fused tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'} | "
-            f"peak mem {memory:.2f} GB")
-        if master:
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step_done, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                                    "ms_per_step": dt * 1000, "samples_per_s": samples_s, "tokens_per_s": tokens_s,
-                                    "mfu": mfu, "peak_mem_gb": memory}) + "\n")
-        t_log, steps_since_log = time.time(), 0
-        totals.zero_()
+        write_metrics(cfg.out_dir, step_log.line(step_done, cfg.max_iters, loss_sum, cfg.grad_accum * world_size, lr,
+                                                 grad_norm), master)
+    if val_path and (step_done % cfg.eval_interval == 0 or step_done == cfg.max_iters):
+        t_val = time.time()
+        record = {"step": step_done, "val_loss": val_loss()}
+        log(f"step {step_done} | val loss {record['val_loss']:.5f} | {len(val_set)} samples in {time.time() - t_val:.1f} s")
+        write_metrics(cfg.out_dir, record, master)
+        step_log.t_last += time.time() - t_val  # the next log line times training steps only
     if step_done % cfg.ckpt_interval == 0 or step_done == cfg.max_iters or step_done == cfg.stop_at_step:
         save(step_done)
     if step_done == cfg.stop_at_step:

@@ -17,32 +17,36 @@ so the step's gradient is (1 / world_size) * sum_r sum_m world_size / N * grad l
 sum_{r, m} loss_sum[r, m] / N: the token mean over the global batch, whatever the split into ranks and micro-steps
 and however the answer lengths vary. The price: a step's grad_accum micro-batches sit in host memory together.
 
+fsdp=True (torchrun) shards the trainable parts AND the frozen LLM over the ranks, block by block (training.py):
+the LLM is read from llama_path straight into each rank's shards, so a 13B or 70B LLM fits where DDP's whole copy
+per GPU does not. The loss and its normalisation are the same; so is the checkpoint (full tensors).
+
+val_file: every eval_interval steps and at the end, the token-mean answer loss over the whole validation set
+(every rank a shard of it), and the same with the images rolled by one within each validation batch, so every
+conversation sees another sample's image: the gap says how much the model reads its images.
+
 data_fraction < 1 (stage 3) trains on a fixed random subset of the JSONL's lines, drawn with its own seed: the same
 lines for every n_l and every seed (a line that does not fit max_seq_len at some n_l is skipped and counted there).
 """
 import itertools
 import json
-import math
 import os
-import random
-import resource
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint
 
-from configurator import parse_config
 from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, step_batches, synthetic_batch
-from model import (FusedVLM, FusedVLMConfig, Llama, ViT, check_resumable, configure_optimizer, cosine_lr,
-                   load_checkpoint, load_trainable, peak_flops, restore_training_state, rng_state,
-                   save_training_checkpoint, train_flops)
+from model import FusedVLM, FusedVLMConfig, Llama, ViT, load_checkpoint, load_trainable, peak_flops
+from training import (StepLog, all_reduce, check_inputs, checkpoint_meta, claim_out_dir, clip_gradients, config_diff,
+                      configure_optimizer, cosine_lr, epoch_steps, gradient_sync, read_config, read_resumable,
+                      restore_training_state, save_training_checkpoint, seed_everything, set_lr, shard,
+                      supervised_tokens, trained_weights, val_batches, wrap_blocks, write_metrics)
 
 DATA_FRACTION_SEED = 0  # fixed on purpose: every n_l of a sweep fine-tunes on the same lines
 BENCH_WARMUP = 3  # steps not timed in bench mode (allocator warm-up, compilation)
@@ -65,6 +69,8 @@ class Config:
     seed: int = 1337  # model init (fresh parts) and the data order
     num_workers: int = 4
     data_fraction: float = 1.0
+    val_file: str = ""  # in data_dir, like train_file; empty: no validation loss
+    eval_interval: int = 200  # steps between validation losses (and one at the end)
     # token space (fusion.py)
     image_size: int = 336
     num_crops: int = 16
@@ -72,6 +78,7 @@ class Config:
     n_s: int = 8
     drop_question: bool = False  # the VQ ablation: the fused model does not see the question (the LLM does)
     max_seq_len: int = 4096
+    chat_template: str = "llama-2"  # the LLM's conversation layout: llama-2 (Llama-2-chat) or vicuna (Vicuna v1.1/v1.5)
     # model (must match init_from's)
     fused_layers: int = 12
     fused_heads: int = 20
@@ -88,17 +95,14 @@ class Config:
     grad_clip: float = 1.0  # 0 disables
     # system
     dtype: str = "bfloat16"  # autocast dtype and LLM weights on GPU ("bfloat16" or "float32"); CPU runs float32
+    fsdp: bool = False  # under torchrun: shard weights, gradients, optimizer state and the frozen LLM (FSDP2)
     compile: bool = False  # torch.compile each ViT, fused-model and LLM block
     activation_checkpointing: bool = False  # recompute each ViT and fused block in the backward
     bench: bool = False  # time bench_steps steps on synthetic batches of these shapes, then exit (no data, no checkpoint)
     bench_steps: int = 10  # timed after BENCH_WARMUP steps; each sample has 1 + num_crops crops and n_l vision tokens
 
 
-cfg, positional = parse_config(Config(), sys.argv[1:])
-if positional:
-    sys.exit(f"unexpected arguments {positional}: use --key=value")
-if cfg.dtype not in ("bfloat16", "float32"):
-    sys.exit(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
+cfg = read_config(Config(), sys.argv[1:], "train_gen.py")
 if not 0 < cfg.data_fraction <= 1:
     sys.exit(f"data_fraction must be in (0, 1], got {cfg.data_fraction}")
 
@@ -126,32 +130,20 @@ autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
 log(json.dumps(asdict(cfg), indent=1))
 log(f"device {device}, world size {world_size}")
 
-train_path = os.path.join(cfg.data_dir, cfg.train_file)  # train_file may also be absolute
-for key, path, remedy in [
-        ("clip_path", cfg.clip_path, "download a CLIP checkpoint folder (config.json, model.safetensors, vocab.json, merges.txt), "
-                                     "e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K from the Hugging Face hub, and put it there"),
-        ("llama_path", cfg.llama_path, "download the Llama-2 folder (config.json, *.safetensors, tokenizer.model), "
-                                       "e.g. meta-llama/Llama-2-7b-chat-hf, and put it there"),
-        *([] if cfg.bench else [("train_file", train_path, "download the data set and write our JSONL there with "
-                                                         "data/<name>/prepare.py")]),
-        *([("init_from", cfg.init_from, "train the previous stage first: this is the ckpt.safetensors in its out_dir")]
-          if cfg.init_from and not cfg.resume else [])]:
-    if not os.path.exists(path):
-        sys.exit(f"{key}: {path!r} does not exist: {remedy} (or pass --{key}=...)")
-ckpt_path = os.path.join(cfg.out_dir, "ckpt.safetensors")
-if not cfg.resume and not cfg.bench and os.path.exists(ckpt_path):
-    sys.exit(f"{ckpt_path} exists: pass --resume=True to continue it, or choose another out_dir")
-if master:
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if not cfg.resume and not cfg.bench:
-        open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()  # a fresh run, a fresh log
+train_path, val_path = check_inputs(
+    cfg, "download the Llama-2 folder (config.json, *.safetensors, tokenizer.model), e.g. meta-llama/Llama-2-7b-chat-hf, "
+         "and put it there", data=not cfg.bench,
+    more=[("init_from", cfg.init_from, "train the previous stage first: this is the ckpt.safetensors in its out_dir")]
+    if cfg.init_from and not cfg.resume else [])
+ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, master, writes=not cfg.bench)
 
 # -----------------------------------------------------------------------------
 # data: fusion.step_batches cuts a seeded permutation per epoch into steps of global_batch conversations, the same
 # micro-batches for any split into ranks x accumulation.
 token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cfg.llama_path, image_size=cfg.image_size,
                                           num_crops=cfg.num_crops, n_l=cfg.n_l, n_s=cfg.n_s,
-                                          drop_question=cfg.drop_question, max_seq_len=cfg.max_seq_len))
+                                          drop_question=cfg.drop_question, max_seq_len=cfg.max_seq_len,
+                                          chat_template=cfg.chat_template))
 global_batch = cfg.batch_size * cfg.grad_accum * world_size
 if cfg.bench:
     bench_batch = synthetic_batch(cfg.batch_size, 1 + cfg.num_crops, cfg.image_size, cfg.n_l, len(token_space.clip),
@@ -168,154 +160,155 @@ else:
         subset = np.flatnonzero(np.isin(dataset.line_numbers, chosen))
         log(f"data_fraction {cfg.data_fraction}: {len(chosen)} of {n_lines} lines chosen, {len(subset)} of them usable")
         dataset = torch.utils.data.Subset(dataset, subset.tolist())
-    steps_per_epoch = len(dataset) // global_batch
-    if steps_per_epoch == 0:
-        sys.exit(f"{len(dataset)} samples do not fill one global batch of {global_batch}: lower batch_size or grad_accum")
+    steps_per_epoch = epoch_steps(len(dataset), cfg.batch_size, cfg.grad_accum, world_size, log)
     max_iters = cfg.max_iters or cfg.epochs * steps_per_epoch
-    log(f"global batch {global_batch} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} processes; "
-        f"{steps_per_epoch} steps per epoch, {max_iters} steps; each epoch leaves out "
-        f"{len(dataset) - steps_per_epoch * global_batch} samples (a different random set every epoch)")
+    log(f"{max_iters} steps in all")
+    if val_path:
+        val_set = ConversationDataset(val_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
+        log(f"validation: {val_set.summary()}")
 
 
 # -----------------------------------------------------------------------------
 # model: the frozen LLM from llama_path; the vision trunk from clip_path; fused model and bridge random, then
-# (init_from) overwritten by the previous stage's weights.
-torch.manual_seed(cfg.seed)
-random.seed(cfg.seed)
-np.random.seed(cfg.seed)
+# overwritten by the previous stage's weights (init_from) or this run's (resume). All before DDP or FSDP wraps it.
+seed_everything(cfg.seed)
 vit = ViT.from_hf(cfg.clip_path, image_size=cfg.image_size)
-llm = Llama.from_hf(cfg.llama_path, dtype=torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
+
+
+def shard_llm(llm):
+    """FSDP: the LLM is sharded while still empty, then every rank reads only its shards from llama_path."""
+    wrap_blocks(llm.layers, activation_checkpointing=False, compile=cfg.compile)
+    shard(llm, [llm.embed_tokens, *llm.layers], device, bf16)  # embed_tokens: FusedVLM calls it directly
+
+
+llm = Llama.from_hf(cfg.llama_path, dtype=torch.bfloat16 if bf16 else torch.float32,
+                    shard=shard_llm if cfg.fsdp else None).requires_grad_(False)
 model_cfg = FusedVLMConfig(vit=vit.cfg, llm=llm.cfg, fused_layers=cfg.fused_layers, fused_heads=cfg.fused_heads,
                            fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip),
                            bridge_init_std=cfg.bridge_init_std)
 raw_model = FusedVLM(model_cfg, llm=llm)
 raw_model.vision.vit = vit
 del vit, llm
-if cfg.init_from and not cfg.resume:
+if cfg.resume:
+    resumed, resumed_meta = read_resumable(ckpt_path, "gen", model_cfg, cfg,
+                                           ("seed", "batch_size", "grad_accum", "data_fraction"), world_size, log)
+    load_trainable(raw_model, trained_weights(resumed), ckpt_path)
+elif cfg.init_from:
     tensors, meta = load_checkpoint(cfg.init_from, prefix="model.")
-    weights = {k[len("model."):]: v for k, v in tensors.items()}
-    theirs, ours = meta.get("model_config", {}), json.loads(json.dumps(asdict(model_cfg)))
-    diff = {k: (theirs.get(k), ours[k]) for k in ("vit", "fused_layers", "fused_heads", "fused_mlp", "fused_vocab_size",
-                                                  "n_queries", "fused_eps", "fused_rope_theta") if theirs.get(k) != ours[k]}
+    # what the trained parts were built for must match; a stage-1 checkpoint knows no LLM (its bridge starts fresh)
+    diff = config_diff(meta.get("model_config", {}), model_cfg,
+                       ignore=("text", "bridge_init_std") + (("llm",) if meta.get("stage") == "align" else ()))
     if diff:
         sys.exit(f"init_from {cfg.init_from}: its model differs from this config's (checkpoint, now): {diff}")
+    weights = trained_weights(tensors)
     if "bridge.weight" not in weights:  # a stage-1 checkpoint: the bridge keeps its fresh N(0, bridge_init_std) init
         weights["bridge.weight"] = raw_model.bridge.weight.detach().clone()
     load_trainable(raw_model, weights, cfg.init_from, unused_prefixes=("text.", "align_head.", "logit_scale"))
     log(f"initialised from {cfg.init_from} ({meta.get('stage')} checkpoint at step {meta.get('step')})")
-raw_model.to(device)
-for block in [*raw_model.vision.vit.layers, *raw_model.fused.layers]:
-    if cfg.activation_checkpointing:
-        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
-    if cfg.compile:
-        block.compile()  # per block: the fused model's variable crop counts would recompile a whole-model graph
-if cfg.compile:
-    for block in raw_model.llm.layers:
-        block.compile()
-trainable = [p for p in raw_model.parameters() if p.requires_grad]
-if ddp:
-    # every rank loads the same LLM from llama_path: no 13 GB broadcast at start (and DDP buckets only
-    # parameters that require grad, so the frozen LLM costs nothing after that)
-    DDP._set_params_and_buffers_to_ignore_for_model(raw_model, [f"llm.{k}" for k in raw_model.llm.state_dict()])
-    model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None)
-else:
+wrap_blocks([*raw_model.vision.vit.layers, *raw_model.fused.layers], cfg.activation_checkpointing, cfg.compile)
+if cfg.fsdp:
+    shard(raw_model, [*raw_model.vision.vit.layers, *raw_model.fused.layers], device, bf16)  # moves it to device
     model = raw_model
+else:
+    raw_model.to(device)
+    if cfg.compile:
+        wrap_blocks(raw_model.llm.layers, activation_checkpointing=False, compile=True)
+    if ddp:
+        # every rank loads the same LLM from llama_path: no 13 GB broadcast at start (and DDP buckets only
+        # parameters that require grad, so the frozen LLM costs nothing after that)
+        DDP._set_params_and_buffers_to_ignore_for_model(raw_model, [f"llm.{k}" for k in raw_model.llm.state_dict()])
+    model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else raw_model
+trainable = [p for p in raw_model.parameters() if p.requires_grad]
 log(f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, "
-    f"{sum(p.numel() for p in raw_model.llm.parameters()) / 1e6:.2f}M frozen in the LLM")
+    f"{sum(p.numel() for p in raw_model.llm.parameters()) / 1e6:.2f}M frozen in the LLM"
+    f"{f', all sharded over {world_size} processes' if cfg.fsdp else ''}")
 
 optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
-start_step = 0
-if cfg.resume:
-    tensors, meta = load_checkpoint(ckpt_path)
-    changed = check_resumable(ckpt_path, meta, "gen", model_cfg, cfg, ("seed", "batch_size", "grad_accum", "data_fraction"), world_size)
-    if changed:
-        log(f"resuming with changed settings (checkpoint, now): {changed}")
-    start_step = restore_training_state(ckpt_path, tensors, meta, raw_model, optimizer, rank, device)
-    log(f"resumed from {ckpt_path} at step {start_step}")
+start_step = (restore_training_state(ckpt_path, resumed, resumed_meta, raw_model, optimizer, rank, device, log)
+              if cfg.resume else 0)
 
 
 def save(step):
-    """Trainable weights, optimizer, schedule position, data cursor, every rank's RNG states, configs: atomically."""
-    states = [None] * world_size
-    if ddp:
-        dist.all_gather_object(states, rng_state(device))
-    else:
-        states = [rng_state(device)]
-    if not master:
-        return
-    epoch, cursor = divmod(step, steps_per_epoch)
-    meta = {"stage": "gen", "step": step, "max_iters": max_iters, "data_seed": cfg.seed, "epoch": epoch,
-            "cursor": cursor, "steps_per_epoch": steps_per_epoch, "world_size": world_size, "train_config": asdict(cfg),
-            "model_config": asdict(model_cfg), "clip_path": os.path.abspath(cfg.clip_path),
-            "llama_path": os.path.abspath(cfg.llama_path),
-            "token_space": {k: v for k, v in asdict(token_space.cfg).items() if not k.endswith("_path")}}
-    save_training_checkpoint(ckpt_path, raw_model, raw_model.trainable_state_dict(), optimizer, states, meta)
-    log(f"saved {ckpt_path} at step {step}")
+    meta = checkpoint_meta("gen", step, steps_per_epoch, world_size, cfg, model_cfg, token_space, max_iters=max_iters)
+    save_training_checkpoint(ckpt_path, raw_model, raw_model.trainable_state_dict(), optimizer, meta, device, log)
+
+
+# -----------------------------------------------------------------------------
+# validation
+
+
+def images_rolled(batch):
+    """The batch with sample b's crops replaced by sample (b + 1) % B's: every conversation sees another image."""
+    B = len(batch["fused_ids"])
+    crops = [batch["pixel_values"][batch["crop_to_sample"] == (b + 1) % B] for b in range(B)]
+    return dict(batch, pixel_values=torch.cat(crops),
+                crop_to_sample=torch.arange(B).repeat_interleave(torch.tensor([len(c) for c in crops])))
+
+
+@torch.no_grad()
+def val_loss(roll_images):
+    """Token mean of the answer loss over the whole validation set, every rank a shard of it (training.val_batches)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, supervised tokens
+    for batch, counted in val_batches(val_set, cfg.batch_size, rank, world_size, cfg.num_workers, device.type == "cuda"):
+        n = supervised_tokens(batch)
+        batch = {k: v.to(device, non_blocking=True) for k, v in (images_rolled(batch) if roll_images else batch).items()}
+        with autocast:
+            _, batch_loss_sum = raw_model(batch)  # under DDP the module itself: no gradient hooks
+        if counted:
+            sums += torch.stack([batch_loss_sum.double(), torch.tensor(n, dtype=torch.float64, device=device)])
+    sums = all_reduce(sums)
+    return (sums[0] / sums[1]).item()
 
 
 # -----------------------------------------------------------------------------
 # training loop
-peak = peak_flops(device)
 if cfg.bench:
     batches = itertools.repeat([bench_batch] * cfg.grad_accum)
 else:
     batches = step_batches(dataset, start_step, steps_per_epoch, cfg.batch_size, cfg.grad_accum, rank, world_size,
                            cfg.seed, cfg.num_workers, pin_memory=device.type == "cuda")
 log_interval = 1 if cfg.bench else cfg.log_interval
-bench_rows = []  # (ms/step, samples/s, tokens/s, MFU, peak memory) of every timed bench step
-t_start = t_log = time.time()
-steps_since_log = steps_run = 0
-totals = torch.zeros(3, dtype=torch.float64, device=device)  # since the last log: samples, LLM tokens, FLOPs
+bench_rows = []  # (ms/step, samples/s, LLM tokens/s, MFU, peak memory) of every timed bench step
+step_log = StepLog(raw_model, device, world_size, peak_flops(device), log)
+t_start = time.time()
+steps_run = 0
 for step in range(start_step, max_iters):
     lr = cosine_lr(step, max_iters, cfg.lr, cfg.warmup_ratio)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
     micro_batches = next(batches)
-    # the supervised-token count of the whole step, all ranks: the loss normaliser (the model shifts the labels)
-    n_labels = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches), device=device)
-    if ddp:
-        dist.all_reduce(n_labels)
+    # the supervised-token count of the whole step, all ranks: the loss normaliser
+    n_labels = all_reduce(torch.tensor(sum(supervised_tokens(b) for b in micro_batches), device=device))
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for micro_step, batch in enumerate(micro_batches):
-        totals += torch.tensor([len(batch["input_ids"]), int(batch["attention_mask"].sum()), train_flops(raw_model, batch)],
-                               dtype=torch.float64, device=device)
+        step_log.count(batch)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        last = micro_step == cfg.grad_accum - 1
-        with model.no_sync() if ddp and not last else nullcontext():  # forward AND backward, or nothing is skipped
+        with gradient_sync(model, last_micro_step=micro_step == cfg.grad_accum - 1):
             with autocast:
                 _, micro_loss_sum = model(batch)
             (micro_loss_sum * world_size / n_labels).backward()  # see the docstring for the arithmetic
         loss_sum += micro_loss_sum.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    grad_norm = clip_gradients(trainable, cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step_done = step + 1
-    steps_since_log += 1
+    step_log.step_done()
     steps_run += 1
 
     if step_done % log_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step:
-        stats = torch.cat([loss_sum.view(1), totals])
-        if ddp:
-            dist.all_reduce(stats)
-        loss = stats[0].item() / n_labels.item()
-        dt = (time.time() - t_log) / steps_since_log
-        samples_s, tokens_s = stats[1].item() / steps_since_log / dt, stats[2].item() / steps_since_log / dt
-        mfu = stats[3].item() / steps_since_log / dt / (peak * world_size) if peak else None
-        memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
-        log(f"step {step_done}/{max_iters} | loss {loss:.5f} | lr {lr:.3e} | {dt * 1000:.0f} ms/step | "
-            f"{samples_s:.1f} samples/s | {tokens_s:.0f} LLM tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'} | "
-            f"peak mem {memory:.2f} GB")
+        record = step_log.line(step_done, max_iters, loss_sum, n_labels.item(), lr, grad_norm)
         if cfg.bench:
             if step_done > BENCH_WARMUP:
-                bench_rows.append((dt * 1000, samples_s, tokens_s, mfu or float("nan"), memory))
-        elif master:
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step_done, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                                    "ms_per_step": dt * 1000, "samples_per_s": samples_s, "tokens_per_s": tokens_s,
-                                    "mfu": mfu, "peak_mem_gb": memory}) + "\n")
-        t_log, steps_since_log = time.time(), 0
-        totals.zero_()
+                bench_rows.append([record[k] or float("nan") for k in ("ms_per_step", "samples_per_s",
+                                                                       "llm_tokens_per_s", "mfu", "peak_mem_gb")])
+        else:
+            write_metrics(cfg.out_dir, record, master)
+    if val_path and not cfg.bench and (step_done % cfg.eval_interval == 0 or step_done == max_iters):
+        t_val = time.time()
+        record = {"step": step_done, "val_loss": val_loss(roll_images=False), "val_loss_images_rolled": val_loss(roll_images=True)}
+        log(f"step {step_done} | val loss {record['val_loss']:.5f} | with the images rolled in each batch "
+            f"{record['val_loss_images_rolled']:.5f} | {len(val_set)} samples in {time.time() - t_val:.1f} s")
+        write_metrics(cfg.out_dir, record, master)
+        step_log.t_last += time.time() - t_val  # the next log line times training steps only
     if not cfg.bench and (step_done % cfg.ckpt_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step):
         save(step_done)
     if step_done == cfg.stop_at_step:
