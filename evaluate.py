@@ -128,7 +128,8 @@ def run_settings(cfg, meta, model_cfg, path):
                               num_crops=trained["num_crops"] if cfg.num_crops < 0 else cfg.num_crops,
                               n_l=cfg.n_l or trained["n_l"], n_s=cfg.n_s or trained["n_s"],
                               drop_question=drop_question, max_seq_len=trained["max_seq_len"],
-                              system_prompt=trained["system_prompt"])
+                              system_prompt=trained["system_prompt"],
+                              chat_template=trained.get("chat_template", "llama-2"))  # older checkpoints: llama-2
     if ts_cfg.n_l - 1 > model_cfg.n_queries:
         raise SystemExit(f"{path}: n_l={ts_cfg.n_l} needs {ts_cfg.n_l - 1} learned queries, the checkpoint has "
                          f"{model_cfg.n_queries}")

@@ -699,14 +699,6 @@ def load_trainable(module, tensors, path, unused_prefixes=()):
     module.load_state_dict({k: tensors[k] for k in expected}, strict=False)
 
 
-def __getattr__(name):
-    # the optimizer and schedule moved to training.py; data/synthetic's scripts still import them from here
-    if name in ("configure_optimizer", "cosine_lr"):
-        import training
-        return getattr(training, name)
-    raise AttributeError(f"module 'model' has no attribute {name!r}")
-
-
 # -----------------------------------------------------------------------------
 # FLOPs: the count behind MFU.
 

@@ -47,7 +47,8 @@ def load(cfg, device, dtype):
                               num_crops=trained["num_crops"] if cfg.num_crops < 0 else cfg.num_crops,
                               n_l=cfg.n_l or trained["n_l"], n_s=cfg.n_s or trained["n_s"],
                               drop_question=trained["drop_question"], max_seq_len=trained["max_seq_len"],
-                              system_prompt=trained["system_prompt"])
+                              system_prompt=trained["system_prompt"],
+                              chat_template=trained.get("chat_template", "llama-2"))  # older checkpoints: llama-2
     if max(ts_cfg.n_l, ts_cfg.n_s) - 1 > model_cfg.n_queries:
         raise SystemExit(f"{path}: n_l={ts_cfg.n_l}, n_s={ts_cfg.n_s} need up to {max(ts_cfg.n_l, ts_cfg.n_s) - 1} "
                          f"learned queries, the checkpoint has {model_cfg.n_queries}")

@@ -49,7 +49,7 @@ def test_pretrained_llm_loads_in_transformers_with_equal_logits(world, tmp_path)
     assert (reference - start).abs().max() > 1e-2  # the saved weights are the trained ones, not the random start
 
 
-LETTERS = "ABCDEFGHIJKLMNOP"
+LETTERS = "EFGHJKLMNPQRSTUV"
 
 
 @pytest.fixture(scope="module")

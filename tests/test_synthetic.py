@@ -20,9 +20,9 @@ from conftest import ROOT, SYSTEM_PROMPT, load_prepare
 
 csv.field_size_limit(1 << 30)
 N_TRAIN, N_VAL, N_BENCH = 40, 6, 12
-LETTERS = "ABCDEFGHIJKLMNOP"  # reading order: row 1 is A B C D
+LETTERS = "EFGHJKLMNPQRSTUV"  # reading order: row 1 is E F G H
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
-MCQ = re.compile(r"Question: What colour is cell ([A-P])\?\nOptions:\nA\. (\w+)\nB\. (\w+)\nC\. (\w+)\nD\. (\w+)\n"
+MCQ = re.compile(r"Question: What colour is cell ([E-V])\?\nOptions:\nA\. (\w+)\nB\. (\w+)\nC\. (\w+)\nD\. (\w+)\n"
                  r"Please select the correct answer from the options above\. \n")
 
 
@@ -61,22 +61,26 @@ def read_cells(image, module):
 
 
 def answer_from_pixels(question, cells, caption_prompt, options=None):
-    """(category, the answer the cells give) for a question in any of the world's formats; options: a benchmark
-    row's A-D columns (its question is then the plain cell question and the answer a letter)."""
+    """(category, the answer the cells give, the benchmark's answer column) for a question in any of the world's
+    formats; options: a benchmark row's A-D columns (its question is then the plain cell question and its answer
+    column a letter). Answers name the cell first ("F red"); POPE's column is the verdict alone."""
     if m := MCQ.fullmatch(question):
         question, options = f"What colour is cell {m[1]}?", m.groups()[1:]
-    if m := re.fullmatch(r"What colour is cell ([A-P])\?", question.removesuffix(VQA_SUFFIX)):
+    if m := re.fullmatch(r"What colour is cell ([E-V])\?", question.removesuffix(VQA_SUFFIX)):
+        spoken = f"{m[1]} {cells[m[1]]}"
         if options is None:
-            return "cell", cells[m[1]]
+            return "cell", spoken, spoken
         assert len(set(options)) == 4 and list(options).count(cells[m[1]]) == 1, (question, options)
-        return "cell", "ABCD"[list(options).index(cells[m[1]])]
-    if m := re.fullmatch(r"Is cell ([A-P]) (\w+)\?", question):
-        return "check", "Yes" if cells[m[1]] == m[2] else "No"
+        return "cell", spoken, "ABCD"[list(options).index(cells[m[1]])]
+    if m := re.fullmatch(r"Is cell ([E-V]) (\w+)\?", question):
+        verdict = "Yes" if cells[m[1]] == m[2] else "No"
+        return "check", f"{m[1]} {cells[m[1]]} {verdict}", verdict
     if m := re.fullmatch(r"What is in row ([1-4])\?", question):
-        row = LETTERS[4 * (int(m[1]) - 1):4 * int(m[1])]
-        return "row", " ".join(f"{letter} {cells[letter]}" for letter in row)
+        row = " ".join(f"{letter} {cells[letter]}" for letter in LETTERS[4 * (int(m[1]) - 1):4 * int(m[1])])
+        return "row", row, row
     if question == caption_prompt:
-        return "caption", " ".join(f"{letter} {value}" for letter, value in cells.items() if value != "empty")
+        caption = " ".join(f"{letter} {value}" for letter, value in cells.items() if value != "empty")
+        return "caption", caption, caption
     raise AssertionError(f"unknown question format {question!r}")
 
 
@@ -87,7 +91,7 @@ def test_training_answers_match_the_pixels(synthetic):
         cells = read_cells(Image.open(out / record["image"]), module)
         messages = record["messages"]
         for question, answer in zip(messages[0::2], messages[1::2]):
-            category, expected = answer_from_pixels(question["content"], cells, module.CAPTION_PROMPT)
+            category, expected, _ = answer_from_pixels(question["content"], cells, module.CAPTION_PROMPT)
             assert answer["content"] == expected, (record["image"], question["content"])
             checked[category] += 1
             checked["mcq"] += bool(MCQ.fullmatch(question["content"]))
@@ -103,7 +107,7 @@ def test_benchmark_answers_match_the_pixels(synthetic):
         for row in read_tsv(out / "bench" / f"{name}.tsv"):
             cells = read_cells(Image.open(io.BytesIO(base64.b64decode(row["image"]))), module)
             options = [row[k] for k in "ABCD"] if name == "SYNTH_MCQ" else None
-            category, expected = answer_from_pixels(row["question"], cells, module.CAPTION_PROMPT, options)
+            category, _, expected = answer_from_pixels(row["question"], cells, module.CAPTION_PROMPT, options)
             assert row["category"] == category, (name, row["index"])
             if name in ("SYNTH_YORN", "SYNTH_MCQ"):
                 assert row["answer"] == expected, (name, row["index"])
@@ -272,4 +276,4 @@ def test_tiny_models_load_with_transformers(synthetic):
         assert llama(ids).logits.shape == (1, ids.shape[1], sp.vocab_size())
     # the chat template's pieces, as fusion.py's default system prompt reaches them, are whole pieces
     token_space = TokenSpace(TokenSpaceConfig(clip_path=str(out / "clip"), llama_path=str(out / "llama")))
-    assert len(token_space.first_head) == 11 and len(token_space.later_head) == 3 and len(token_space.close_inst) == 2
+    assert len(token_space.first_head) == 11 and len(token_space.later_head) == 3 and len(token_space.close_question) == 2

@@ -11,28 +11,34 @@ Image: 112 x 112 px, a 4 x 4 grid of 28-px cells, each filled with one solid col
 purple, orange) or left empty (the light background), all 7 equally likely and independent (chance: 1/7). A cell is
 2 x 2 patches of the tiny ViT (14 px) and one token after the merge conv, so nothing is too small to see: what
 limits a model is how much of the grid its n_l vision tokens can carry. Cells are named by letters in reading
-order: row 1 is A B C D, row 4 is M N O P.
+order, skipping A-D (the options of multiple-choice prompts) and I, O: row 1 is E F G H, row 4 is S T U V.
+
+Every answer first names the cells it reads, with their contents ("F red"), the way the scene is written in words.
+A 2-layer LLM copies a cell's colour from its context reliably when the cell's letter is the token it has just
+written (the induction pattern), but it did not learn, within the CPU budget, to look a cell up in one step from the
+letter in the question (stage-0 exact match 28% on "What colour is cell F?" answered "red", 100% on rows).
 
 Question types (the `category` of every benchmark row) and how much of the image each needs:
-  cell     "What colour is cell F?" -> "red" (or "empty")                                   one cell
-  check    "Is cell F red?" -> "Yes" / "No" (half each)                                      one cell
-  row      "What is in row 2?" -> "E red F empty G blue H green"                             four cells
-  caption  COCO's caption prompt -> the filled cells in reading order: "A red C blue D purple ..."   every cell
+  cell     "What colour is cell F?" -> "F red" (or "F empty")                               one cell
+  check    "Is cell F red?" -> "F red Yes" / "F blue No" (half each)                        one cell
+  row      "What is in row 2?" -> "J red K empty L blue M green"                             four cells
+  caption  COCO's caption prompt -> the filled cells in reading order: "E red G blue H purple ..."   every cell
 With the question fused into the vision tokens a one-cell question needs one token; a row needs about four and a
 caption about sixteen, so scores can rise with n_l even when the question is fused.
 
 The scene in words, what stage 0 (data/synthetic/pretrain_llm.py) puts where the vision tokens go:
-  "A red B empty C blue ... P green" (all 16 cells, or a listed subset, in reading order).
+  "E red F empty G blue ... V green" (all 16 cells, or a listed subset, in reading order).
 
 Training conversations hold 1-2 turns (so later questions, and n_s, are exercised), types drawn with weights
 cell 3, check 3, row 2, caption 1 (captions are rare: their 16-32 answer tokens would otherwise dominate the
 token-mean loss). A cell question is asked plainly (half of them), with VLMEvalKit's VQA suffix, or as
-VLMEvalKit's multiple-choice prompt answered by a letter, so the model learns the benchmark formats.
+VLMEvalKit's multiple-choice prompt (answered "F red" too: VLMEvalKit's rule reads an option from its text when no
+option letter stands alone), so the model learns the benchmark formats.
 
 Benchmarks (VLMEvalKit TSVs, images base64 PNG, each row a held-out image from its own random stream, categories in
 a fixed rotation so each has the same number of rows):
   SYNTH_YORN     check            answer Yes/No, exactly half each          (scored like POPE)
-  SYNTH_MCQ      cell             options A-D, answer a letter              (like SEEDBench_IMG)
+  SYNTH_MCQ      cell             options A-D (colours), answer a letter    (like SEEDBench_IMG)
   SYNTH_VQA      cell, row        10 references, all the canonical answer   (like TextVQA)
   SYNTH_CAPTION  caption          one reference                             (like COCO_VAL)
 Outputs: train.jsonl, val.jsonl ({"image": "images/train/000000.png", "messages": [...]}), images/, bench/*.tsv,
@@ -84,7 +90,7 @@ class Config:
 
 
 GRID, CELL = 4, 28  # cells per side, pixels per cell
-CELL_NAMES = "ABCDEFGHIJKLMNOP"  # reading order
+CELL_NAMES = "EFGHJKLMNPQRSTUV"  # reading order
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 90, 220), "yellow": (235, 200, 30),
            "purple": (140, 60, 180), "orange": (245, 130, 20)}
 EMPTY, BACKGROUND = "empty", (238, 238, 238)
@@ -124,7 +130,7 @@ def render(scene):
 
 
 def scene_words(scene, cells=None):
-    """'A red B empty ...' for the given cell indices (all by default), in reading order."""
+    """'E red F empty ...' for the given cell indices (all by default), in reading order."""
     return " ".join(f"{CELL_NAMES[i]} {scene[i]}" for i in (range(len(scene)) if cells is None else sorted(cells)))
 
 
@@ -133,16 +139,17 @@ def caption(scene):
 
 
 def ask(scene, category, rng, yes=None, cells=None):
-    """One question: (question, canonical answer, 3 wrong options or None). yes: for check questions, force the
-    answer (the benchmark balances it exactly); None draws it. cells: the cells a one-cell question may ask about."""
+    """One question: (question, answer, (right option, 3 wrong options) or None). yes: for check questions, force
+    the verdict (the benchmark balances it exactly); None draws it. cells: the cells a one-cell question may ask
+    about."""
     i = rng.choice(sorted(cells) if cells is not None else range(len(scene)))
     name, value = CELL_NAMES[i], scene[i]
     if category == "cell":
-        return f"What colour is cell {name}?", value, rng.sample([v for v in VALUES if v != value], 3)
+        return f"What colour is cell {name}?", f"{name} {value}", (value, rng.sample([v for v in VALUES if v != value], 3))
     if category == "check":
         yes = rng.random() < 0.5 if yes is None else yes
         named = value if yes else rng.choice([v for v in VALUES if v != value])
-        return f"Is cell {name} {named}?", "Yes" if yes else "No", None
+        return f"Is cell {name} {named}?", f"{name} {value} {'Yes' if yes else 'No'}", None
     if category == "row":
         r = rng.randrange(GRID)
         return f"What is in row {r + 1}?", scene_words(scene, range(r * GRID, (r + 1) * GRID)), None
@@ -157,22 +164,24 @@ def mcq_prompt(question, options):
     return f"Question: {question}\nOptions:\n{lines}Please select the correct answer from the options above. \n"
 
 
-def shuffled_options(answer, wrong, rng):
-    options = [answer] + list(wrong)
+def shuffled_options(choices, rng):
+    """(right, wrong options) -> the 4 options in random order, the right one's letter."""
+    right, wrong = choices
+    options = [right] + list(wrong)
     rng.shuffle(options)
-    return options, "ABCD"[options.index(answer)]
+    return options, "ABCD"[options.index(right)]
 
 
 def training_turn(scene, category, rng, cells=None):
-    question, answer, wrong = ask(scene, category, rng, cells=cells)
-    if wrong is None:
+    question, answer, choices = ask(scene, category, rng, cells=cells)
+    if choices is None:
         return question, answer
     style = rng.choice(("plain", "plain", "vqa", "mcq"))
     if style == "vqa":
         return question + VQA_SUFFIX, answer
     if style == "mcq":
-        options, letter = shuffled_options(answer, wrong, rng)
-        return mcq_prompt(question, options), letter
+        options, _ = shuffled_options(choices, rng)
+        return mcq_prompt(question, options), answer
     return question, answer
 
 
@@ -203,17 +212,17 @@ def benchmark_rows(name, n_rows, rng):
     rows = []
     for i in range(n_rows):
         scene, category = random_scene(rng), categories[i % len(categories)]
-        question, answer, wrong = ask(scene, category, rng, yes=(i // len(categories)) % 2 == 0)
+        question, answer, choices = ask(scene, category, rng, yes=(i // len(categories)) % 2 == 0)
         image = png_base64(render(scene))
         if name == "SYNTH_MCQ":
-            options, letter = shuffled_options(answer, wrong, rng)
+            options, letter = shuffled_options(choices, rng)
             rows.append([str(i), image, question, *options, letter, category])
         elif name == "SYNTH_VQA":
             rows.append([str(i), image, question, repr([answer] * 10), category])
         elif name == "SYNTH_CAPTION":
             rows.append([str(i), image, question, repr([answer]), category])
-        else:
-            rows.append([str(i), image, question, answer, category])
+        else:  # POPE's answer is the verdict alone
+            rows.append([str(i), image, question, answer.split()[-1], category])
     return header, rows
 
 

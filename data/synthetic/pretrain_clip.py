@@ -6,7 +6,7 @@ in words, so the pipeline starts, as the paper's does, from a CLIP whose vision 
 
 CLIP's own objective (symmetric InfoNCE between the image embedding and the text embedding, the other pairs of the
 batch as negatives) on fresh scenes every step: the global view of each rendered image (fusion.py's, as the pipeline
-computes it) against its scene in words ("A red B empty ... P green"). The model is transformers' CLIPModel, the
+computes it) against its scene in words ("E red F empty ... V green"). The model is transformers' CLIPModel, the
 class prepare.py writes the random one with: the output folder (save_pretrained, safetensors, plus vocab.json and
 merges.txt) is exactly what ViT.from_hf and CLIPText.from_hf read.
 """
@@ -24,7 +24,7 @@ from transformers import CLIPModel, CLIPTokenizer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import parse_config  # noqa: E402
 from fusion import global_view  # noqa: E402
-from model import cosine_lr  # noqa: E402
+from training import cosine_lr  # noqa: E402
 from prepare import random_scene, render, scene_words  # noqa: E402  (this folder's prepare.py)
 
 

@@ -10,7 +10,7 @@ laid out exactly as fusion.py lays out the LLM sequence of stage 2 (Llama-2 chat
 each piece tokenized on its own), with the scene in words where stage 2 puts the n_l vision slots and no slots in
 later turns:
 
-    <s>[INST] <<SYS>>...<</SYS>> | A red B empty C blue ... P green | {Q1} [/INST] {A1} </s><s>[INST] {Q2} [/INST] ...
+    <s>[INST] <<SYS>>...<</SYS>> | E red F empty G blue ... V green | {Q1} [/INST] {A1} </s><s>[INST] {Q2} [/INST] ...
 
 In half the conversations only a random 1-16 of the cells are listed (and the questions ask about listed cells only),
 so the LLM learns to read short and partial descriptions too: at small n_l the vision tokens can say only part of
@@ -38,8 +38,9 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import parse_config  # noqa: E402
 from fusion import IGNORE, TokenSpace, TokenSpaceConfig  # noqa: E402
-from model import Llama, configure_optimizer, cosine_lr  # noqa: E402
-from prepare import GRID, conversation, random_scene, scene_words, training_turn  # noqa: E402
+from model import Llama  # noqa: E402
+from training import configure_optimizer, cosine_lr  # noqa: E402
+from prepare import conversation, random_scene, scene_words, training_turn  # noqa: E402
 
 
 @dataclass
@@ -128,7 +129,8 @@ def exact_match(llm, token_space, questions, with_scene, batch_size=50):
         mask = torch.zeros(len(prompts), L, dtype=torch.bool)
         for b, p in enumerate(prompts):  # left-padded, as generate() expects
             ids[b, L - len(p):], mask[b, L - len(p):] = torch.tensor(p), True
-        out = llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2 * GRID + 2, eos_token_id=token_space.eos)
+        longest = max(len(token_space.sp.encode(answer + " ")) for *_, answer in chunk)
+        out = llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest + 1, eos_token_id=token_space.eos)
         for row, (_, category, _, answer) in zip(out.tolist(), chunk):
             row = row[:row.index(token_space.eos)] if token_space.eos in row else row
             right[category].append(token_space.sp.decode(row).strip() == answer)
