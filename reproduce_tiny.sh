@@ -24,13 +24,13 @@ NL=${TINY_NL:-"1 2 4 8 16 32 64"}          # the stage-3 sweep; n_s = min(n_l, 4
 BASE_NL=${TINY_BASE_NL:-64}                # stages 1 and 2 (the paper: 256 / 8)
 N_TRAIN=${TINY_TRAIN:-10000}               # training conversations (stage 3 uses 10% of them)
 N_BENCH=${TINY_BENCH:-150}                 # rows per benchmark
-LM_STEPS=${TINY_LM_STEPS:-1000}            # stage 0, the LLM, LM_BATCH fresh conversations per step
+LM_STEPS=${TINY_LM_STEPS:-1500}            # stage 0, the LLM, LM_BATCH fresh conversations per step
 LM_BATCH=${TINY_LM_BATCH:-64}
 CLIP_STEPS=${TINY_CLIP_STEPS:-300}         # stage 0, CLIP, 64 fresh image-text pairs per step
 ALIGN_STEPS=${TINY_ALIGN_STEPS:-100}       # stage 1, 16 conversations per step
 GEN_STEPS=${TINY_GEN_STEPS:-1500}          # stage 2, 2 processes x GEN_BATCH conversations per step
 GEN_BATCH=${TINY_GEN_BATCH:-16}
-FT_STEPS=${TINY_FT_STEPS:-60}              # stage 3, 16 conversations per step
+FT_STEPS=${TINY_FT_STEPS:-100}             # stage 3, 16 conversations per step
 GATE_LLM=${TINY_GATE_LLM:-80}              # gate 1: % exact match with the scene in words
 GATE_GAP=${TINY_GATE_GAP:-20}              # gates 1 and 2: points above the blind / shuffled-image baseline
 PYTHON=${PYTHON:-python}

@@ -75,7 +75,7 @@ def answer_from_pixels(question, cells, caption_prompt, options=None):
     if m := re.fullmatch(r"Is cell ([E-V]) (\w+)\?", question):
         verdict = "Yes" if cells[m[1]] == m[2] else "No"
         return "check", f"{m[1]} {cells[m[1]]} {verdict}", verdict
-    if m := re.fullmatch(r"What is in row ([1-4])\?", question):
+    if m := re.fullmatch(r"What is in row ([1-4])\?", question.removesuffix(VQA_SUFFIX)):
         row = " ".join(f"{letter} {cells[letter]}" for letter in LETTERS[4 * (int(m[1]) - 1):4 * int(m[1])])
         return "row", row, row
     if question == caption_prompt:

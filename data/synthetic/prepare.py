@@ -31,7 +31,8 @@ The scene in words, what stage 0 (data/synthetic/pretrain_llm.py) puts where the
 
 Training conversations hold 1-2 turns (so later questions, and n_s, are exercised), types drawn with weights
 cell 3, check 3, row 2, caption 1 (captions are rare: their 16-32 answer tokens would otherwise dominate the
-token-mean loss). A cell question is asked plainly (half of them), with VLMEvalKit's VQA suffix, or as
+token-mean loss). A row question is asked plainly or with VLMEvalKit's VQA suffix; a cell question
+plainly (half of them), with the VQA suffix, or as
 VLMEvalKit's multiple-choice prompt (answered "F red" too: VLMEvalKit's rule reads an option from its text when no
 option letter stands alone), so the model learns the benchmark formats.
 
@@ -173,10 +174,11 @@ def shuffled_options(choices, rng):
 
 
 def training_turn(scene, category, rng, cells=None):
+    """Cell and row questions as SYNTH_VQA asks them (with the VQA suffix) too, cell questions also as SYNTH_MCQ."""
     question, answer, choices = ask(scene, category, rng, cells=cells)
-    if choices is None:
+    if category not in ("cell", "row"):
         return question, answer
-    style = rng.choice(("plain", "plain", "vqa", "mcq"))
+    style = rng.choice(("plain", "plain", "vqa", "mcq") if choices else ("plain", "vqa"))
     if style == "vqa":
         return question + VQA_SUFFIX, answer
     if style == "mcq":
