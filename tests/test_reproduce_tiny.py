@@ -130,13 +130,13 @@ def test_exact_match_scores_planted_answers(token_space):
     # right on the even-numbered questions (2 of each category's 4), a wrong answer on the others
     llm = PlantedLLM(sp, questions, with_scene, lambda i, answer: answer if i % 2 == 0 else f"not {answer}")
     scores = pretrain_llm.exact_match(llm, token_space, questions, with_scene=True, batch_size=5)
-    assert scores == {"cell": 0.5, "check": 0.5, "row": 0.5, "short_answers": 0.5}
+    assert scores == {"cell": 0.5, "check": 0.5, "row": 0.5, "lookups": 0.5, "all": 0.5}
     llm = PlantedLLM(sp, questions, blind, lambda i, answer: answer)
     scores = pretrain_llm.exact_match(llm, token_space, questions, with_scene=False)
-    assert scores == {"cell": 1.0, "check": 1.0, "row": 1.0, "short_answers": 1.0}
+    assert scores == {"cell": 1.0, "check": 1.0, "row": 1.0, "lookups": 1.0, "all": 1.0}
     llm = PlantedLLM(sp, questions, blind, lambda i, answer: "purple" if answer != "purple" else "red")
     scores = pretrain_llm.exact_match(llm, token_space, questions, with_scene=False)
-    assert scores == {"cell": 0.0, "check": 0.0, "row": 0.0, "short_answers": 0.0}
+    assert scores == {"cell": 0.0, "check": 0.0, "row": 0.0, "lookups": 0.0, "all": 0.0}
 
 
 def test_pretrained_clip_is_an_hf_clip_our_vit_reads(world, tmp_path):
@@ -177,7 +177,9 @@ CI_NL = (1, 2, 4)  # a fit needs 3 distinct n_l
 # 60 small LLM steps: enough for it to answer in the benchmarks' formats, so some scores are positive and get fitted
 CI_ENV = {"TINY_NL": " ".join(map(str, CI_NL)), "TINY_BASE_NL": "4", "TINY_TRAIN": "160", "TINY_BENCH": "8",
           "TINY_LM_STEPS": "60", "TINY_LM_BATCH": "8", "TINY_CLIP_STEPS": "2", "TINY_ALIGN_STEPS": "1",
-          "TINY_GEN_STEPS": "1", "TINY_FT_STEPS": "1"}
+          "TINY_GEN_STEPS": "1", "TINY_FT_STEPS": "1", "TINY_GEN_BATCH": "4",
+          # a seconds-long run learns nothing: the gates are measured and printed, but cannot stop it
+          "TINY_GATE_LLM": "-1", "TINY_GATE_GAP": "-1000"}
 HEADLINE = {"SYNTH_YORN": {"Overall", "acc", "precision", "recall"}, "SYNTH_MCQ": {"Overall"},
             "SYNTH_VQA": {"Overall"}, "SYNTH_CAPTION": {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"}}
 
@@ -189,10 +191,13 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     result = subprocess.run(["bash", "reproduce_tiny.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     print(result.stdout[-3000:], result.stderr[-3000:])
     assert result.returncode == 0
+    gates = [line for line in result.stdout.splitlines() if "] GATE " in line]
+    assert len(gates) == 3 and all(line.endswith("passed") for line in gates), gates
+    assert (tmp_path / "results" / "targets.txt").read_text().rstrip().endswith("of 3 targets met")
     with open(tmp_path / "results" / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     got = {(r["variant"], r["benchmark"], r["metric"], int(r["n_l"]), int(r["n_s"])) for r in rows}
-    for variant in ("VQQ", "VQ-ft"):
+    for variant in ("VQQ", "VQ-ft", "VQQ-shuffled"):
         for n in CI_NL:
             for benchmark, metrics in HEADLINE.items():
                 for metric in metrics:
@@ -202,7 +207,8 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     # the words yes / no occurs and it is the answer
     for r in rows:
         if r["benchmark"] == "SYNTH_YORN" and r["metric"] == "acc":
-            run_dir = tmp_path / "out" / f"eval-{r['variant']}" / f"{r['variant']}_nl{r['n_l']}"
+            sweep = "eval-VQ-ft" if r["variant"] == "VQ-ft" else "eval-VQQ"  # VQQ-shuffled runs with VQQ's sweep
+            run_dir = tmp_path / "out" / sweep / f"{r['variant']}_nl{r['n_l']}"
             with open(run_dir / "predictions_SYNTH_YORN.jsonl") as f:
                 predicted = {p["index"]: p["prediction"] for p in map(json.loads, f)}
             with open(tmp_path / "out" / "data" / "bench" / "SYNTH_YORN.tsv", newline="") as f:
@@ -214,7 +220,7 @@ def test_reproduce_tiny_end_to_end(tmp_path):
         fits = list(csv.DictReader(f))
     fitted = {(f["variant"], f["benchmark"], f["metric"], f["form"]) for f in fits}
     assert fitted and all(int(f["n_points"]) == len(CI_NL) for f in fits)
-    assert {v for v, _, _, _ in fitted} == {"VQQ", "VQ-ft"} and {form for *_, form in fitted} == {"power", "two_regime"}
+    assert {v for v, _, _, _ in fitted} <= {"VQQ", "VQ-ft", "VQQ-shuffled"} and {form for *_, form in fitted} == {"power", "two_regime"}
     # a curve is fitted exactly when all its scores are positive (a log-space fit cannot take a 0)
     positive = {}
     for r in rows:

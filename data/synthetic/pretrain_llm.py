@@ -17,8 +17,10 @@ so the LLM learns to read short and partial descriptions too: at small n_l the v
 the scene. The loss is on the answer tokens and their </s> only (as in stage 2); the rest is context.
 
 The gate: greedy answers to n_eval fresh single-turn questions (cell, check, row; the formats of the benchmarks), with
-the whole scene listed and with none of it. The LLM reads its context when the first is far above the second (the
-answer prior). The last line printed is that measurement as JSON, for reproduce_tiny.sh's gate.
+the whole scene listed and with none of it. The LLM reads its context when its cell and row answers (copying
+colours from the context) are far more often right with the scene than without (the answers' prior). Check
+questions ("Is cell F red?" -> "F red Yes") also need a comparison, which this LLM learns far less well (45-58% in
+our runs, chance 50%): they are reported, not gated. The last line printed is that measurement as JSON, for reproduce_tiny.sh's gate.
 
 Output: a Hugging Face folder (config.json, model.safetensors with HF key names, tokenizer.model) that
 Llama.from_hf and transformers' LlamaForCausalLM both load.
@@ -48,7 +50,7 @@ class Config:
     data_dir: str = "data/synthetic/out"  # clip/ (fusion.py's TokenSpace wants its BPE files)
     llama_path: str = "data/synthetic/out/llama"  # the random start: config.json, model.safetensors, tokenizer.model
     out_dir: str = "data/synthetic/out/llama-lm"
-    max_iters: int = 1500
+    max_iters: int = 2000
     batch_size: int = 64  # conversations per step, each on a fresh scene
     lr: float = 3e-3
     warmup_ratio: float = 0.05
@@ -60,6 +62,7 @@ class Config:
 
 
 GATE_CATEGORIES = ("cell", "check", "row")
+LOOKUPS = ("cell", "row")  # copying cells' colours from the context; check questions also compare, reported apart
 
 
 def layout(token_space, messages, scene_text):
@@ -118,7 +121,8 @@ def gate_questions(n, seed):
 
 @torch.no_grad()
 def exact_match(llm, token_space, questions, with_scene, batch_size=50):
-    """Greedy answers against the canonical ones -> {category: fraction right, "short_answers": all of them}."""
+    """Greedy answers against the canonical ones -> {category: fraction right, "lookups": cell and row questions
+    together (what the gate judges), "all": every question}."""
     right = {c: [] for c in GATE_CATEGORIES}
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
@@ -135,7 +139,8 @@ def exact_match(llm, token_space, questions, with_scene, batch_size=50):
             row = row[:row.index(token_space.eos)] if token_space.eos in row else row
             right[category].append(token_space.sp.decode(row).strip() == answer)
     scores = {c: sum(r) / len(r) for c, r in right.items()}
-    scores["short_answers"] = sum(map(sum, right.values())) / len(questions)
+    scores["lookups"] = sum(sum(right[c]) for c in LOOKUPS) / sum(len(right[c]) for c in LOOKUPS)
+    scores["all"] = sum(map(sum, right.values())) / len(questions)
     return scores
 
 
