@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from fusion import collate
-from model import Llama, configure_optimizer, load_checkpoint
+from model import Llama, load_checkpoint
+from training import configure_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +62,7 @@ def align_run(data_dir, tmp_path_factory):
         return configure_optimizer(model, *args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("model.configure_optimizer", configure_optimizer_keeping_the_start)
+        mp.setattr("training.configure_optimizer", configure_optimizer_keeping_the_start)
         script_globals = run("train_align.py", mp, argv(data_dir, out))
     return {**script_globals, "start_state": start}, out
 
