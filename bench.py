@@ -6,6 +6,9 @@ Benchmarks that print numbers; nothing here asserts.
                                      # model FLOPs per step, and the paper-size FLOPs per sample (analytic)
     python bench.py --mode=generate --device=cuda --gen_batch_size=16 [--ckpt=out/ft-64]
                                      # prefill and decode tokens/s of evaluate.py's batched greedy generation
+    python bench.py --mode=train --device=cuda --train_steps=20
+                                     # train_gen.py's optimizer step at the paper's shapes: ms/step, samples/s,
+                                     # LLM tokens/s, MFU, peak memory
 
 modules: one CLIPModel and one LlamaForCausalLM with random weights are saved to a temp folder; transformers
 loads them back (CLIPVisionModel, CLIPTextModelWithProjection, LlamaForCausalLM) and so do our from_hf loaders.
@@ -31,6 +34,14 @@ template before the slots, the n_l slots, the question and 4 tokens for [/INST].
 model and token space (its frozen LLM loaded as evaluate.py does); without, the paper's configuration with random
 weights (a 7B LLM: GPU only). One warm-up run, then `repeats` timed ones; medians of the vision + fused front,
 the prefill (one new token) and the full decode of gen_new_tokens.
+
+train: train_gen.py's optimizer step (training.answer_loss_step: the token-normalised answer loss, backward,
+gradient clipping, AdamW) on one process, with its model built as train_gen.py builds it from train_clip_path and
+train_llama_path (the fused model and bridge random: weight values do not change the cost), the frozen LLM in bf16
+and bf16 autocast on GPU, and the same synthetic batch of train_batch_size conversations for each of the
+train_grad_accum micro-batches: 1 + train_num_crops crops, a 16-token question and train_n_l vision tokens per sample,
+on the LLM side a 40-token prefix, the slots, the question and a 32-token answer. TRAIN_WARMUP untimed steps
+(allocator, compilation), then train_steps timed ones, a log line each (training.StepLog); medians at the end.
 """
 import csv
 import multiprocessing
@@ -39,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import matplotlib
@@ -50,12 +62,16 @@ import torch.nn.functional as F
 from configurator import parse_config
 from evaluate import build_vlm, read_checkpoint
 import fusion
-from model import CLIPText, FusedVLM, FusedVLMConfig, Llama, LlamaConfig, ViT, ViTConfig, checkpoint_file, train_flops
+from model import (CLIPText, FusedVLM, FusedVLMConfig, Llama, LlamaConfig, ViT, ViTConfig, checkpoint_file, peak_flops,
+                   train_flops)
+from training import StepLog, answer_loss_step, configure_optimizer, wrap_blocks
+
+TRAIN_WARMUP = 3  # train steps not timed (allocator warm-up, compilation)
 
 
 @dataclass
 class Config:
-    mode: str = "modules"  # modules | tokens | generate
+    mode: str = "modules"  # modules | tokens | generate | train
     out_dir: str = "out/bench"
     device: str = "cpu"
     threads: int = 1  # torch.set_num_threads, the same for both sides; on a shared machine 1 is the only steady setting
@@ -82,6 +98,20 @@ class Config:
     gen_num_crops: int = -1  # -1 = the checkpoint's (16 without one)
     gen_question_len: int = 32
     gen_new_tokens: int = 32
+    # train: train_gen.py's keys of these names (their paper stage-2 values), per GPU
+    train_clip_path: str = "weights/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    train_llama_path: str = "weights/Llama-2-7b-chat-hf"
+    train_image_size: int = 336
+    train_num_crops: int = 16
+    train_n_l: int = 256
+    train_fused_layers: int = 12
+    train_fused_heads: int = 20
+    train_fused_mlp: int = 5120
+    train_batch_size: int = 5
+    train_grad_accum: int = 1
+    train_activation_checkpointing: bool = True
+    train_compile: bool = False
+    train_steps: int = 10  # timed, after TRAIN_WARMUP
 
 
 def sync(device):
@@ -410,11 +440,65 @@ def bench_generate(cfg, device):
           f"{B * (N - 1) / (full - prefill):10.1f} new tok/s | {1000 * (full - prefill) / max(1, N - 1):.2f} ms/step")
 
 
+# -----------------------------------------------------------------------------
+# train: how fast train_gen.py's optimizer step is
+
+
+def bench_train(cfg, device):
+    for key in ("train_clip_path", "train_llama_path"):
+        if not os.path.exists(getattr(cfg, key)):
+            sys.exit(f"{key}: {getattr(cfg, key)!r} does not exist: the CLIP and Llama folders train_gen.py reads "
+                     f"(or pass --{key}=...)")
+    dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype not in ("bfloat16", "float32"):
+        sys.exit(f"--mode=train runs as train_gen.py: dtype bfloat16 or float32, got {dtype!r}")
+    bf16 = device.type == "cuda" and dtype == "bfloat16"
+    autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
+    token_space = fusion.TokenSpace(fusion.TokenSpaceConfig(
+        clip_path=cfg.train_clip_path, llama_path=cfg.train_llama_path, image_size=cfg.train_image_size,
+        num_crops=cfg.train_num_crops, n_l=cfg.train_n_l))
+    torch.manual_seed(cfg.seed)
+    vit = ViT.from_hf(cfg.train_clip_path, image_size=cfg.train_image_size)
+    llm = Llama.from_hf(cfg.train_llama_path, dtype=torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
+    vlm = FusedVLM(FusedVLMConfig(vit=vit.cfg, llm=llm.cfg, fused_layers=cfg.train_fused_layers,
+                                  fused_heads=cfg.train_fused_heads, fused_mlp=cfg.train_fused_mlp,
+                                  fused_vocab_size=len(token_space.clip)), llm=llm)
+    vlm.vision.vit = vit
+    wrap_blocks([*vit.layers, *vlm.fused.layers], cfg.train_activation_checkpointing, cfg.train_compile)
+    vlm.to(device).train()
+    if cfg.train_compile:
+        wrap_blocks(llm.layers, activation_checkpointing=False, compile=True)
+    trainable = [p for p in vlm.parameters() if p.requires_grad]
+    lr = 2e-5  # train_gen.py's defaults; their values do not change the step's cost
+    optimizer = configure_optimizer(vlm, lr, 0.0, (0.9, 0.999), device.type)
+    batch = fusion.synthetic_batch(cfg.train_batch_size, 1 + cfg.train_num_crops, cfg.train_image_size, cfg.train_n_l,
+                                   len(token_space.clip), token_space.sp.get_piece_size(), seed=cfg.seed)
+    print(f"train: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, "
+          f"{sum(p.numel() for p in llm.parameters()) / 1e6:.2f}M frozen in the LLM; {cfg.train_grad_accum} x "
+          f"{cfg.train_batch_size} synthetic conversations per step, {1 + cfg.train_num_crops} crops each, "
+          f"n_l {cfg.train_n_l}, {'bf16' if bf16 else 'float32'} on {device}")
+    step_log = StepLog(vlm, device, 1, peak_flops(device), print)
+    steps = TRAIN_WARMUP + cfg.train_steps
+    rows = []  # (ms/step, samples/s, LLM tokens/s, MFU, peak memory) of every timed step
+    for step in range(steps):
+        loss_sum, n_labels, grad_norm = answer_loss_step(vlm, [batch] * cfg.train_grad_accum, optimizer, trainable,
+                                                         1.0, 1, device, autocast, step_log)
+        record = step_log.line(step + 1, steps, loss_sum, n_labels.item(), lr, grad_norm)
+        if step >= TRAIN_WARMUP:
+            rows.append([record[k] or float("nan") for k in ("ms_per_step", "samples_per_s", "llm_tokens_per_s",
+                                                             "mfu", "peak_mem_gb")])
+    ms, samples_s, tokens_s, mfu, memory = (statistics.median(column) for column in zip(*rows))
+    print(f"train: median of {len(rows)} steps after {TRAIN_WARMUP} warm-up: {ms:.0f} ms/step | "
+          f"{samples_s:.1f} samples/s | {tokens_s:.0f} LLM tok/s | MFU {'n/a' if mfu != mfu else f'{100 * mfu:.1f}%'} | "
+          f"peak mem {memory:.2f} GB")
+    return rows
+
+
 if __name__ == "__main__":
     cfg, positional = parse_config(Config(), sys.argv[1:])
     if positional:
         sys.exit(f"bench.py takes no positional arguments, got {positional}")
-    modes = {"modules": bench_modules, "tokens": bench_tokens, "generate": bench_generate}
+    modes = {"modules": bench_modules, "tokens": bench_tokens, "generate": bench_generate, "train": bench_train}
     if cfg.mode not in modes:
         sys.exit(f"--mode must be one of {', '.join(modes)}, got {cfg.mode!r}")
     print(asdict(cfg))

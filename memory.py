@@ -14,7 +14,7 @@ LLM, whose saved tensors the gradient to the bridge needs: per checkpointed bloc
 token 16 x dim + 6 x mlp bytes (two fp32 RMSNorm inputs, attention's q, k, v and output, SwiGLU's gate, its SiLU
 and up projection; a frozen Linear keeps nothing for the backward). Not counted: the CUDA context, the allocator's
 fragmentation, the logits at the labelled positions, one block's recomputed activations; hence "fits" leaves 10%
-of the GPU free. train_gen.py --bench=True prints the measured peak on a GPU.
+of the GPU free. bench.py --mode=train prints the measured peak on a GPU.
 """
 import sys
 from dataclasses import dataclass

@@ -28,7 +28,6 @@ conversation sees another sample's image: the gap says how much the model reads 
 data_fraction < 1 (stage 3) trains on a fixed random subset of the JSONL's lines, drawn with its own seed: the same
 lines for every n_l and every seed (a line that does not fit max_seq_len at some n_l is skipped and counted there).
 """
-import itertools
 import json
 import os
 import sys
@@ -41,15 +40,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, step_batches, synthetic_batch
+from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, step_batches
 from model import FusedVLM, FusedVLMConfig, Llama, ViT, load_checkpoint, load_trainable, peak_flops
-from training import (StepLog, all_reduce, check_inputs, checkpoint_meta, claim_out_dir, clip_gradients, config_diff,
-                      configure_optimizer, cosine_lr, epoch_steps, gradient_sync, read_config, read_resumable,
+from training import (StepLog, all_reduce, answer_loss_step, check_inputs, checkpoint_meta, claim_out_dir, config_diff,
+                      configure_optimizer, cosine_lr, epoch_steps, read_config, read_resumable,
                       restore_training_state, save_training_checkpoint, seed_everything, set_lr, shard,
                       supervised_tokens, trained_weights, val_batches, wrap_blocks, write_metrics)
 
 DATA_FRACTION_SEED = 0  # fixed on purpose: every n_l of a sweep fine-tunes on the same lines
-BENCH_WARMUP = 3  # steps not timed in bench mode (allocator warm-up, compilation)
 
 
 @dataclass
@@ -98,8 +96,6 @@ class Config:
     fsdp: bool = False  # under torchrun: shard weights, gradients, optimizer state and the frozen LLM (FSDP2)
     compile: bool = False  # torch.compile each ViT, fused-model and LLM block
     activation_checkpointing: bool = False  # recompute each ViT and fused block in the backward
-    bench: bool = False  # time bench_steps steps on synthetic batches of these shapes, then exit (no data, no checkpoint)
-    bench_steps: int = 10  # timed after BENCH_WARMUP steps; each sample has 1 + num_crops crops and n_l vision tokens
 
 
 cfg = read_config(Config(), sys.argv[1:], "train_gen.py")
@@ -132,10 +128,10 @@ log(f"device {device}, world size {world_size}")
 
 train_path, val_path = check_inputs(
     cfg, "download the Llama-2 folder (config.json, *.safetensors, tokenizer.model), e.g. meta-llama/Llama-2-7b-chat-hf, "
-         "and put it there", data=not cfg.bench,
+         "and put it there",
     more=[("init_from", cfg.init_from, "train the previous stage first: this is the ckpt.safetensors in its out_dir")]
     if cfg.init_from and not cfg.resume else [])
-ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, master, writes=not cfg.bench)
+ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, master)
 
 # -----------------------------------------------------------------------------
 # data: fusion.step_batches cuts a seeded permutation per epoch into steps of global_batch conversations, the same
@@ -145,27 +141,21 @@ token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cf
                                           drop_question=cfg.drop_question, max_seq_len=cfg.max_seq_len,
                                           chat_template=cfg.chat_template))
 global_batch = cfg.batch_size * cfg.grad_accum * world_size
-if cfg.bench:
-    bench_batch = synthetic_batch(cfg.batch_size, 1 + cfg.num_crops, cfg.image_size, cfg.n_l, len(token_space.clip),
-                                  token_space.sp.get_piece_size())
-    max_iters = BENCH_WARMUP + cfg.bench_steps
-    log(f"bench: {max_iters} steps of {global_batch} synthetic conversations, {1 + cfg.num_crops} crops each, n_l {cfg.n_l}")
-else:
-    dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
-    log(dataset.summary())
-    if cfg.data_fraction < 1:
-        with open(train_path, "rb") as f:
-            n_lines = sum(1 for _ in f)
-        chosen = np.random.default_rng(DATA_FRACTION_SEED).permutation(n_lines)[:round(cfg.data_fraction * n_lines)] + 1
-        subset = np.flatnonzero(np.isin(dataset.line_numbers, chosen))
-        log(f"data_fraction {cfg.data_fraction}: {len(chosen)} of {n_lines} lines chosen, {len(subset)} of them usable")
-        dataset = torch.utils.data.Subset(dataset, subset.tolist())
-    steps_per_epoch = epoch_steps(len(dataset), cfg.batch_size, cfg.grad_accum, world_size, log)
-    max_iters = cfg.max_iters or cfg.epochs * steps_per_epoch
-    log(f"{max_iters} steps in all")
-    if val_path:
-        val_set = ConversationDataset(val_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
-        log(f"validation: {val_set.summary()}")
+dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
+log(dataset.summary())
+if cfg.data_fraction < 1:
+    with open(train_path, "rb") as f:
+        n_lines = sum(1 for _ in f)
+    chosen = np.random.default_rng(DATA_FRACTION_SEED).permutation(n_lines)[:round(cfg.data_fraction * n_lines)] + 1
+    subset = np.flatnonzero(np.isin(dataset.line_numbers, chosen))
+    log(f"data_fraction {cfg.data_fraction}: {len(chosen)} of {n_lines} lines chosen, {len(subset)} of them usable")
+    dataset = torch.utils.data.Subset(dataset, subset.tolist())
+steps_per_epoch = epoch_steps(len(dataset), cfg.batch_size, cfg.grad_accum, world_size, log)
+max_iters = cfg.max_iters or cfg.epochs * steps_per_epoch
+log(f"{max_iters} steps in all")
+if val_path:
+    val_set = ConversationDataset(val_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
+    log(f"validation: {val_set.summary()}")
 
 
 # -----------------------------------------------------------------------------
@@ -262,64 +252,35 @@ def val_loss(roll_images):
 
 # -----------------------------------------------------------------------------
 # training loop
-if cfg.bench:
-    batches = itertools.repeat([bench_batch] * cfg.grad_accum)
-else:
-    batches = step_batches(dataset, start_step, steps_per_epoch, cfg.batch_size, cfg.grad_accum, rank, world_size,
-                           cfg.seed, cfg.num_workers, pin_memory=device.type == "cuda")
-log_interval = 1 if cfg.bench else cfg.log_interval
-bench_rows = []  # (ms/step, samples/s, LLM tokens/s, MFU, peak memory) of every timed bench step
+batches = step_batches(dataset, start_step, steps_per_epoch, cfg.batch_size, cfg.grad_accum, rank, world_size,
+                       cfg.seed, cfg.num_workers, pin_memory=device.type == "cuda")
 step_log = StepLog(raw_model, device, world_size, peak_flops(device), log)
 t_start = time.time()
 steps_run = 0
 for step in range(start_step, max_iters):
     lr = cosine_lr(step, max_iters, cfg.lr, cfg.warmup_ratio)
     set_lr(optimizer, lr)
-    micro_batches = next(batches)
-    # the supervised-token count of the whole step, all ranks: the loss normaliser
-    n_labels = all_reduce(torch.tensor(sum(supervised_tokens(b) for b in micro_batches), device=device))
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for micro_step, batch in enumerate(micro_batches):
-        step_log.count(batch)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with gradient_sync(model, last_micro_step=micro_step == cfg.grad_accum - 1):
-            with autocast:
-                _, micro_loss_sum = model(batch)
-            (micro_loss_sum * world_size / n_labels).backward()  # see the docstring for the arithmetic
-        loss_sum += micro_loss_sum.detach()
-    grad_norm = clip_gradients(trainable, cfg.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # the loss normalised by the whole step's supervised tokens (see the docstring), backward, clip, AdamW
+    loss_sum, n_labels, grad_norm = answer_loss_step(model, next(batches), optimizer, trainable, cfg.grad_clip,
+                                                     world_size, device, autocast, step_log)
     step_done = step + 1
-    step_log.step_done()
     steps_run += 1
 
-    if step_done % log_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step:
-        record = step_log.line(step_done, max_iters, loss_sum, n_labels.item(), lr, grad_norm)
-        if cfg.bench:
-            if step_done > BENCH_WARMUP:
-                bench_rows.append([record[k] or float("nan") for k in ("ms_per_step", "samples_per_s",
-                                                                       "llm_tokens_per_s", "mfu", "peak_mem_gb")])
-        else:
-            write_metrics(cfg.out_dir, record, master)
-    if val_path and not cfg.bench and (step_done % cfg.eval_interval == 0 or step_done == max_iters):
+    if step_done % cfg.log_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step:
+        write_metrics(cfg.out_dir, step_log.line(step_done, max_iters, loss_sum, n_labels.item(), lr, grad_norm), master)
+    if val_path and (step_done % cfg.eval_interval == 0 or step_done == max_iters):
         t_val = time.time()
         record = {"step": step_done, "val_loss": val_loss(roll_images=False), "val_loss_images_rolled": val_loss(roll_images=True)}
         log(f"step {step_done} | val loss {record['val_loss']:.5f} | with the images rolled in each batch "
             f"{record['val_loss_images_rolled']:.5f} | {len(val_set)} samples in {time.time() - t_val:.1f} s")
         write_metrics(cfg.out_dir, record, master)
         step_log.t_last += time.time() - t_val  # the next log line times training steps only
-    if not cfg.bench and (step_done % cfg.ckpt_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step):
+    if step_done % cfg.ckpt_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step:
         save(step_done)
     if step_done == cfg.stop_at_step:
         break
 
 log(f"done: {steps_run} steps, {steps_run * global_batch} samples in {time.time() - t_start:.1f} s")
-if cfg.bench:
-    ms, samples_s, tokens_s, mfu, memory = np.median(np.array(bench_rows), axis=0)
-    log(f"bench: median of {len(bench_rows)} steps after {BENCH_WARMUP} warm-up: {ms:.0f} ms/step | "
-        f"{samples_s:.1f} samples/s | {tokens_s:.0f} LLM tok/s | MFU {'n/a' if np.isnan(mfu) else f'{100 * mfu:.1f}%'} | "
-        f"peak mem {memory:.2f} GB")
 if ddp:
     dist.barrier()  # without it gloo processes sometimes abort at exit
     dist.destroy_process_group()

@@ -53,7 +53,7 @@ def read_config(config, argv, script):
     return cfg
 
 
-def check_inputs(cfg, llama_remedy, data=True, more=()):
+def check_inputs(cfg, llama_remedy, more=()):
     """Stops at the first input folder or file that does not exist, saying what to put there; -> the paths of
     train_file and val_file ("" without one). more: further (config key, path, remedy)."""
     train_path = os.path.join(cfg.data_dir, cfg.train_file)  # train_file and val_file may also be absolute
@@ -61,27 +61,25 @@ def check_inputs(cfg, llama_remedy, data=True, more=()):
     entries = [("clip_path", cfg.clip_path, "download a CLIP checkpoint folder (config.json, model.safetensors, "
                                             "vocab.json, merges.txt), e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K from "
                                             "the Hugging Face hub, and put it there"),
-               ("llama_path", cfg.llama_path, llama_remedy)]
-    if data:
-        entries.append(("train_file", train_path, "download the data set and write our JSONL there with "
-                                                  "data/<name>/prepare.py"))
-        if val_path:
-            entries.append(("val_file", val_path, "write a held-out JSONL there, as for train_file"))
+               ("llama_path", cfg.llama_path, llama_remedy),
+               ("train_file", train_path, "download the data set and write our JSONL there with data/<name>/prepare.py")]
+    if val_path:
+        entries.append(("val_file", val_path, "write a held-out JSONL there, as for train_file"))
     for key, path, remedy in [*entries, *more]:
         if not os.path.exists(path):
             sys.exit(f"{key}: {path!r} does not exist: {remedy} (or pass --{key}=...)")
     return train_path, val_path
 
 
-def claim_out_dir(out_dir, resume, master, writes=True):
+def claim_out_dir(out_dir, resume, master):
     """-> out_dir/ckpt.safetensors. A fresh run refuses an out_dir that holds a checkpoint and starts a fresh
-    metrics.jsonl; writes=False (a bench) only makes the folder."""
+    metrics.jsonl."""
     ckpt_path = os.path.join(out_dir, "ckpt.safetensors")
-    if writes and not resume and os.path.exists(ckpt_path):
+    if not resume and os.path.exists(ckpt_path):
         sys.exit(f"{ckpt_path} exists: pass --resume=True to continue it, or choose another out_dir")
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        if writes and not resume:
+        if not resume:
             open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
     return ckpt_path
 
@@ -321,6 +319,28 @@ def all_reduce(t):
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
+
+
+def answer_loss_step(model, micro_batches, optimizer, params, grad_clip, world_size, device, autocast, step_log):
+    """One optimizer step of train_gen.py's loss (its docstring works out the arithmetic): each micro-batch
+    back-propagates its answer-loss sum * world_size / N, N the supervised tokens of the whole step on all ranks,
+    so the gradient is that of the token mean over the global batch. Also what bench.py --mode=train times.
+    -> (this rank's loss sum, N, the gradient norm before clipping)."""
+    n_labels = all_reduce(torch.tensor(sum(supervised_tokens(b) for b in micro_batches), device=device))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for micro_step, batch in enumerate(micro_batches):
+        step_log.count(batch)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with gradient_sync(model, last_micro_step=micro_step == len(micro_batches) - 1):
+            with autocast:
+                _, micro_loss_sum = model(batch)
+            (micro_loss_sum * world_size / n_labels).backward()
+        loss_sum += micro_loss_sum.detach()
+    grad_norm = clip_gradients(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_log.step_done()
+    return loss_sum, n_labels, grad_norm
 
 
 def write_metrics(out_dir, record, master):

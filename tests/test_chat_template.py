@@ -2,7 +2,8 @@
 template in the checkpoint and is evaluated with it.
 
 References: the pieces of Vicuna v1.1 ("{system} USER: {Q} ASSISTANT: {A}</s>USER: ...") encoded here with
-SentencePiece, one piece at a time; the generation prompt checked by reading the ids back as text.
+SentencePiece, one piece at a time; the generation prompt checked by reading the ids back as text; evaluate.py's
+predictions against a greedy loop over a Vicuna prompt built from those pieces (and shown to differ from Llama-2's).
 """
 import json
 import runpy
@@ -13,6 +14,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
+import benchmarks as bm
+import evaluate as ev
 from conftest import SYSTEM_PROMPT
 from fusion import TokenSpace, TokenSpaceConfig, collate, load_image
 from model import FusedVLM, FusedVLMConfig, Llama, load_checkpoint
@@ -90,3 +93,31 @@ def test_a_vicuna_model_trains_records_its_template_and_evaluates_with_it(synthe
     with torch.no_grad():
         answers = vlm.generate(collate([prompt], pad_side="left"), max_new_tokens=4, eos_token_id=space.eos)
     assert len(answers) == 1 and 1 <= len(answers[0]) <= 4
+
+    # evaluate.py on the checkpoint answers each row as a greedy loop over a Vicuna-layout prompt built here by hand
+    ev.main([f"--ckpt={tmp_path}", "--benchmarks=SYNTH_VQA", f"--bench_dir={world / 'bench'}",
+             f"--out_dir={tmp_path / 'eval'}", "--batch_size=1"])
+    [predictions_file] = (tmp_path / "eval").glob("*/predictions_SYNTH_VQA.jsonl")
+    predictions = [json.loads(line) for line in predictions_file.read_text().splitlines()]
+    rows = bm.load_benchmark("SYNTH_VQA", str(world / "bench" / "SYNTH_VQA.tsv"))
+    assert [p["index"] for p in predictions] == [row.index for row in rows]
+    sp, trained = space.sp, meta["token_space"]
+    llama_2 = TokenSpace(TokenSpaceConfig(clip_path=f"{world}/clip", llama_path=f"{world}/llama",
+                                          **dict(trained, chat_template="llama-2")))
+
+    def greedy(token_space, row):
+        sample = token_space.generation_sample(row.images()[-1], row.prompt)  # evaluate.py's JPEG round trip too
+        with torch.no_grad():
+            ids = vlm.generate(collate([sample], pad_side="left"), eos_token_id=space.eos,
+                               max_new_tokens=bm.benchmark_spec("SYNTH_VQA").max_new_tokens)[0]
+        return sample, sp.decode([t for t in ids if t not in (0, 1, 2)]).strip()  # unk, <s>, </s>
+
+    differs = 0
+    for row, prediction in zip(rows, predictions):
+        sample, answer = greedy(space, row)
+        vicuna = ([1] + sp.encode(trained["system_prompt"]) + sp.encode("USER:") + [0] * trained["n_l"]
+                  + sp.encode(row.prompt) + sp.encode("ASSISTANT:"))
+        assert sample["input_ids"].tolist() == vicuna
+        assert prediction["prompt"] == row.prompt and prediction["prediction"] == answer
+        differs += greedy(llama_2, row)[1] != answer
+    assert differs > 0  # the two layouts give other answers here, so the comparison above can tell them apart

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from fusion import collate
-from model import Llama, configure_optimizer, load_checkpoint
+from model import Llama, load_checkpoint
+from training import configure_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +62,7 @@ def align_run(data_dir, tmp_path_factory):
         return configure_optimizer(model, *args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("model.configure_optimizer", configure_optimizer_keeping_the_start)
+        mp.setattr("training.configure_optimizer", configure_optimizer_keeping_the_start)
         script_globals = run("train_align.py", mp, argv(data_dir, out))
     return {**script_globals, "start_state": start}, out
 
@@ -235,15 +236,3 @@ def test_killed_while_saving_leaves_the_last_checkpoint(align_run, data_dir, tmp
     run("train_gen.py", monkeypatch, args + ["--resume=True", f"--stop_at_step={step + 1}"])
     assert load_checkpoint(str(ckpt))[1]["step"] == step + 1
     assert not tmp.exists()
-
-
-def test_bench_times_synthetic_batches_of_the_configured_shapes(data_dir, tmp_path, monkeypatch):
-    # no training data needed (the train file does not exist), nothing written, one timed row per bench step
-    out = tmp_path / "bench"
-    script_globals = run("train_gen.py", monkeypatch, argv(data_dir, out, "--bench=True", "--bench_steps=2",
-                                                           "--num_crops=2", "--n_l=5", "--train_file=missing.jsonl"))
-    batch = script_globals["bench_batch"]
-    assert batch["pixel_values"].shape[0] == 2 * (1 + 2)  # batch_size 2, a global view and 2 tiles each
-    assert int(batch["output_mask"].sum()) == int(batch["slot_mask"].sum()) == 2 * 5
-    assert len(script_globals["bench_rows"]) == 2
-    assert list(out.iterdir()) == []
