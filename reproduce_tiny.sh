@@ -137,5 +137,9 @@ cat "$LOGS/scaling_fit.log"
 run "$LOGS/scaling_fit_all.log" $PYTHON scaling_fit.py "$RESULTS/results.csv" --variants=VQQ,VQ-ft,VQQ-shuffled \
     --metrics=all --skip_bad=True --out_dir="$OUT/fit-all-metrics"
 cp "$OUT/fit-all-metrics/fits.csv" "$RESULTS/fits_all_metrics.csv"
+# finding 2's picture: VQQ minus VQ-ft at each n_l (scaling_fit.py draws it for exactly two variants)
+run "$LOGS/scaling_fit_difference.log" $PYTHON scaling_fit.py "$RESULTS/results.csv" --variants=VQQ,VQ-ft \
+    --skip_bad=True --out_dir="$OUT/fit-difference"
+cp "$OUT/fit-difference/difference.png" "$RESULTS/difference.png"
 $PYTHON data/synthetic/targets.py "$RESULTS" --nl="$NL" | tee "$RESULTS/targets.txt"
 progress "done"
