@@ -63,7 +63,7 @@ def assert_same_steps(a, b):
     """Float tolerance: the reductions sum in another order (the gradient norm, a sum of squares, drifts most)."""
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, STEPS + 1))
     for x, y in zip(a, b):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), x["step"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=2e-5), x["step"]  # a real bug moved it 4e-3 or more
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4), x["step"]
 
 

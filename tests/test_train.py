@@ -94,7 +94,7 @@ def test_align_loss_falls(align_run):
     before = mean_loss()
     model.load_state_dict(trained)
     print(f"align loss on the training set: {before:.3f} before, {after:.3f} after")
-    assert after < before - 0.1
+    assert after < before - 0.05  # with no optimizer step the two are equal
 
 
 def test_align_loss_by_hand(align_run):
@@ -210,8 +210,8 @@ def test_gathered_negatives_on_two_ranks_equal_one_big_batch(data_dir, tmp_path,
     run("train_align.py", monkeypatch, argv(data_dir, tmp_path / "one", *same, "--batch_size=4"))
     two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert len(two) == len(one) == 3
-    for a, b in zip(two, one):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+    for a, b in zip(two, one):  # float32 sums in another order, through AdamW steps: 2e-5 relative (the logit-scale
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-5), a["step"]  # gradient bug this caught moved it 5e-3)
 
 
 def test_killed_while_saving_leaves_the_last_checkpoint(align_run, data_dir, tmp_path, monkeypatch):
