@@ -314,7 +314,7 @@ def vision_batch_states(vlm, space, batch, layer, device):
 
 
 def vision_mode(cfg):
-    """FusedVLM from a stage-2 checkpoint (CONTRACT's schema); n_max is the slot count n_l."""
+    """FusedVLM from a stage-2 checkpoint (the trainers' schema); n_max is the slot count n_l."""
     if not cfg.ckpt or not cfg.data:
         raise BadInput("vision mode needs --ckpt=CKPT.safetensors and --data=IMAGE_PAIRS.jsonl")
     tensors, meta = load_checkpoint(cfg.ckpt, prefix="model.")

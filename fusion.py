@@ -507,8 +507,9 @@ def pad_stack(rows, value, side="right"):
 
 
 def collate(samples, pad_side="right"):
-    """Samples -> the batch dict of CONTRACT.md. pad_side applies to the LLM sequence ("left" for generation);
-    the fused sequence is always right-padded (FusedModel puts it after each sample's vision tokens)."""
+    """Samples -> one batch dict (the keys FusedVLM and AlignModel read). pad_side applies to the LLM sequence
+    ("left" for generation); the fused sequence is always right-padded (FusedModel puts it after each sample's
+    vision tokens)."""
     assert pad_side in ("right", "left"), pad_side
     crops = [s["pixel_values"] for s in samples]
     answers = [a for s in samples for a in s["answer_ids"]]

@@ -43,7 +43,7 @@ class ViTConfig:
 @dataclass
 class CLIPTextConfig:
     vocab_size: int = 49408
-    max_positions: int = 512  # CLIP's 77, extended for long answers (SPEC section 3)
+    max_positions: int = 512  # CLIP's 77, extended for long answers
     width: int = 1024
     layers: int = 24
     heads: int = 16

@@ -1,4 +1,4 @@
-# Stage 1 as in the paper (SPEC section 5): 32 conversations per GPU x 8 GPUs = 256 per step, lr 2e-5, cosine
+# Stage 1 as in the paper: 32 conversations per GPU x 8 GPUs = 256 per step, lr 2e-5, cosine
 # schedule with 10% warm-up, 1000 steps.
 #   torchrun --standalone --nproc_per_node=8 train_align.py config/paper_align.py
 # Fill in the local paths: nothing is downloaded at run time.

@@ -1,4 +1,4 @@
-# Stage 3 as in the paper (SPEC section 5): from the stage-2 checkpoint, one model per n_l, each on the same fixed
+# Stage 3 as in the paper: from the stage-2 checkpoint, one model per n_l, each on the same fixed
 # random 10% of the training data (data_fraction draws it with its own seed); otherwise stage 2's recipe, as the
 # paper gives no other (the 2 epochs here are our choice).
 #   for n in 1 8 16 32 64 128 256 384 512 768; do

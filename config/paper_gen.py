@@ -1,4 +1,4 @@
-# Stage 2 as in the paper (SPEC section 5): from the stage-1 checkpoint, 5 conversations per GPU x 64 accumulation
+# Stage 2 as in the paper: from the stage-1 checkpoint, 5 conversations per GPU x 64 accumulation
 # x 8 GPUs = 2560 per step, lr 2e-5, cosine schedule with 3% warm-up, 2 epochs, n_l = 256, n_s = 8; Llama-2 frozen.
 #   torchrun --standalone --nproc_per_node=8 train_gen.py config/paper_gen.py
 # Fill in the local paths: nothing is downloaded at run time.

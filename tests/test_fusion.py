@@ -1,8 +1,8 @@
 """Tests of fusion.py: the Llama-2 chat layout, the fused-model sequence, the HD crops, length limits, bad input
 and collate.
 
-References are independent of fusion.py: SentencePiece and CLIPTokenizer called here on the pieces the SPEC
-names, crop counts worked out by hand from the Phi-3-V rule, pixel values of solid-colour images normalised here.
+References are independent of fusion.py: SentencePiece and CLIPTokenizer called here on the chat template's
+pieces, crop counts worked out by hand from the Phi-3-V rule, pixel values of solid-colour images normalised here.
 """
 import json
 

@@ -391,7 +391,7 @@ def test_paper_config_parameter_counts_and_shapes():
     assert count(vlm.llm) == llm_expected
     assert not any(p.requires_grad for p in vlm.llm.parameters())
 
-    # SPEC section 3: 24x24 patches -> 12x12 merged + separator = 145 tokens per crop
+    # 24x24 patches -> 12x12 merged + separator = 145 tokens per crop
     vision_tokens = vlm.vision(torch.empty(2, 3, 336, 336, device="meta"))
     assert vision_tokens.shape == (2, 145, d)
 
