@@ -140,12 +140,14 @@ def test_sweep_writes_every_prediction_and_one_results_block_per_checkpoint(worl
     assert "done: 48 samples generated" in stdout
 
 
-def greedy_without_cache(vlm, token_space, image, prompt, max_new_tokens):
-    """Reference decoding: one unpadded sample, the whole sequence re-run through vlm(batch) at every step."""
-    batch = collate([token_space.generation_sample(image, prompt)], pad_side="right")
+def greedy_without_cache(vlm, token_space, image, turns, max_new_tokens):
+    """Reference decoding of the answer to the last question of `turns` (its answer None; earlier turns are the chat
+    so far): one unpadded sample, the whole sequence re-run through vlm(batch) at every step, no KV cache."""
+    batch = collate([token_space.make_sample(image, turns)], pad_side="right")
     eos, new = token_space.eos, []
     for step in range(max_new_tokens):
-        logits = vlm(batch)[0][0, -1]
+        with torch.no_grad():
+            logits = vlm(batch)[0][0, -1]
         if step == 0:
             logits[eos] = -float("inf")  # at least one new token
         token = int(logits.argmax())
@@ -175,7 +177,7 @@ def test_batched_predictions_equal_an_unbatched_cache_free_greedy_loop(world, ch
             suffix = "\nAnswer the question using a single word or phrase." if name == "SYNTH_VQA" else ""
             prompt = row["question"] + suffix
             with torch.no_grad():
-                ids = greedy_without_cache(vlm, token_space, image, prompt, max_new_tokens)
+                ids = greedy_without_cache(vlm, token_space, image, [(prompt, None)], max_new_tokens)
             expected = sp.decode([t for t in ids if t not in (0, 1, 2)]).strip()
             assert predicted[row["index"]] == expected, (name, row["index"])
             distinct.add(expected)

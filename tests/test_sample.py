@@ -6,27 +6,9 @@ from PIL import Image
 
 import convert_authors
 import sample
-from fusion import TokenSpace, TokenSpaceConfig, collate
+from fusion import TokenSpace, TokenSpaceConfig
 from test_convert_authors import build_theirs, load_ours, their_forward
-from test_evaluate_run import make_checkpoint
-
-
-def greedy_turns(vlm, token_space, image, turns, max_new_tokens):
-    """Reference: the answer ids to the last question of `turns` (its answer None), no KV cache, no padding."""
-    batch = collate([token_space.make_sample(image, turns)], pad_side="right")
-    eos, new = token_space.eos, []
-    for step in range(max_new_tokens):
-        with torch.no_grad():
-            logits = vlm(batch)[0][0, -1]
-        if step == 0:
-            logits[eos] = -float("inf")  # at least one new token
-        token = int(logits.argmax())
-        if token == eos:
-            break
-        new.append(token)
-        for key, value in (("input_ids", token), ("slot_mask", False), ("attention_mask", True), ("labels", -100)):
-            batch[key] = torch.cat([batch[key], torch.tensor([[value]], dtype=batch[key].dtype)], dim=1)
-    return new
+from test_evaluate_run import greedy_without_cache, make_checkpoint
 
 
 def decode(token_space, ids):
@@ -54,11 +36,11 @@ def test_one_question_and_a_chat_with_an_n_l_override(synthetic_world, tmp_path,
     base = [f"--ckpt={tmp_path / 'ck'}", f"--image={tmp_path / 'image.png'}", "--max_new_tokens=12"]
     (answer,) = sample.main(base + [f"--question={q1}"])
     assert capsys.readouterr().out == answer + "\n"
-    assert answer == decode(space(16), greedy_turns(vlm, space(16), image, [(q1, None)], 12))
+    assert answer == decode(space(16), greedy_without_cache(vlm, space(16), image, [(q1, None)], 12))
 
     answers = sample.main(base + [f"--question={q1}", f"--question={q2}", "--n_l=8"])
-    first = decode(space(8), greedy_turns(vlm, space(8), image, [(q1, None)], 12))
-    second = decode(space(8), greedy_turns(vlm, space(8), image, [(q1, first), (q2, None)], 12))
+    first = decode(space(8), greedy_without_cache(vlm, space(8), image, [(q1, None)], 12))
+    second = decode(space(8), greedy_without_cache(vlm, space(8), image, [(q1, first), (q2, None)], 12))
     assert answers == [first, second]
     assert capsys.readouterr().out == f"Q: {q1}\nA: {first}\n\nQ: {q2}\nA: {second}\n\n"
 
@@ -76,7 +58,7 @@ def test_a_converted_authors_checkpoint(tmp_path, capsys):
     vlm, meta = load_ours(out)
     token_space = TokenSpace(TokenSpaceConfig(clip_path=meta["clip_path"], llama_path=meta["llama_path"],
                                               **meta["token_space"]))
-    ids = greedy_turns(vlm, token_space, image, [(question, None)], 6)
+    ids = greedy_without_cache(vlm, token_space, image, [(question, None)], 6)
     assert answer == decode(token_space, ids)
     pixels = token_space.make_sample(image, [(question, None)])["pixel_values"]
     logits = their_forward(ref, pixels, [(question, None)])[1][-1]
