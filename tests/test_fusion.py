@@ -4,7 +4,6 @@ and collate.
 References are independent of fusion.py: SentencePiece and CLIPTokenizer called here on the chat template's
 pieces, crop counts worked out by hand from the Phi-3-V rule, pixel values of solid-colour images normalised here.
 """
-import collections
 import json
 
 import numpy as np
@@ -480,35 +479,3 @@ def test_collate_left_padding_for_generation(make_space, draw_image):
     assert b["fused_attention_mask"][:, 0].all()  # the fused side stays right-padded
     assert b["output_mask"].sum() == b["slot_mask"].sum() == 6
     assert b["answer_ids"].shape == (0, 0)
-
-
-def first_run_length(mask):
-    """Length of the first run of True in a 1-D bool tensor: a sample's first-question outputs."""
-    values = mask.tolist()
-    start = values.index(True)
-    return next((i for i, v in enumerate(values[start:]) if not v), len(values) - start)
-
-
-def test_n_l_mix_gives_each_line_one_of_the_n_l_as_if_built_at_it(tmp_path, image_root, make_space):
-    lines = [record("a.png" if i % 2 else "b.png", Q1, A1, Q2, A2) for i in range(40)]
-    path = write_jsonl(tmp_path, lines)
-    ds = ConversationDataset(path, str(image_root), make_space(n_l=3, n_s=2), n_l_mix=(1, 3, 8))
-    images = {}
-    seen = collections.Counter()
-    for i in range(len(ds)):
-        sample = ds[i]
-        n_l = first_run_length(sample["output_mask"])
-        seen[n_l] += 1
-        space = make_space(n_l=n_l, n_s=min(2, n_l))  # built at that n_l from scratch
-        image = "a.png" if i % 2 else "b.png"
-        images.setdefault(image, Image.open(image_root / image).convert("RGB"))
-        expected = space.make_sample(images[image], [(Q1, A1), (Q2, A2)])
-        for key in ("fused_ids", "query_mask", "output_mask", "input_ids", "slot_mask", "labels", "pixel_values"):
-            assert torch.equal(sample[key], expected[key]), (i, key)
-    assert set(seen) == {1, 3, 8} and min(seen.values()) >= 5
-    # the draw belongs to the line: a bad line shifts no other line's n_l
-    lines[5] = "not json"
-    with_a_bad_line = ConversationDataset(write_jsonl(image_root, lines), str(image_root), make_space(n_l=3, n_s=2),
-                                          n_l_mix=(1, 3, 8), skip_bad=True)
-    assert [first_run_length(with_a_bad_line[i]["output_mask"]) for i in range(len(ds) - 1)] == \
-        [first_run_length(ds[i]["output_mask"]) for i in range(len(ds)) if i != 5]
