@@ -53,13 +53,12 @@ sample is read; a file that does not decode then raises (or, with skip_bad, is c
 and replaced by the next readable sample).
 """
 import collections
-import copy
 import json
 import math
 import os
 import re
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import sentencepiece
@@ -161,7 +160,6 @@ def image_crops(img, size, num_crops):
 
 IGNORE = -100   # label of positions without loss
 SLOT_ID = 0     # LLM placeholder id at the positions the bridge outputs overwrite
-N_L_MIX_SEED = 0  # ConversationDataset's n_l_mix: the same n_l for a line in every run and on every rank
 CHAT_TEMPLATES = ("llama-2", "vicuna")
 
 
@@ -200,12 +198,6 @@ class TokenSpace:
             self.later_head = self.sp.encode("USER:")
             self.close_question = self.sp.encode("ASSISTANT:")
             self.answer_end = ""
-
-    def with_n_l(self, n_l):
-        """This token space with n_l vision tokens for the first question (n_s capped at n_l), same tokenizers."""
-        other = copy.copy(self)
-        other.cfg = replace(self.cfg, n_l=n_l, n_s=min(self.cfg.n_s, n_l))
-        return other
 
     def clip_ids(self, text):
         # split_special_tokens: a literal "<|endoftext|>" in the text must not become an EOS
@@ -421,22 +413,17 @@ class ConversationDataset(torch.utils.data.Dataset):
     """Map-style dataset over a JSONL file. skip_bad=False: the first bad line raises, naming file and line.
     skip_bad=True: bad lines are counted in .skipped by reason. A first turn longer than max_seq_len (on either
     side) is always skipped and counted; dropped trailing turns are counted in .turns_dropped. <bbox> tags are
-    mapped into the global view's frame, also before the length fit (which then reads the image's header).
-    n_l_mix: each line gets one of these n_l (n_s capped at it), drawn once per line of the file by a fixed seed,
-    so every n_l trains on its own fixed share of the conversations; empty: token_space's n_l for all."""
+    mapped into the global view's frame, also before the length fit (which then reads the image's header)."""
 
-    def __init__(self, path, image_root, token_space, skip_bad=False, n_l_mix=()):
+    def __init__(self, path, image_root, token_space, skip_bad=False):
         self.path, self.image_root, self.token_space, self.skip_bad = path, image_root, token_space, skip_bad
-        self.token_spaces = [token_space.with_n_l(n) for n in n_l_mix] or [token_space]
-        draw = np.random.default_rng(N_L_MIX_SEED)
         self.skipped = collections.Counter()
         self.turns_dropped = 0
-        offsets, line_numbers, turns_kept, spaces = [], [], [], []
+        offsets, line_numbers, turns_kept = [], [], []
         with open(path, "rb") as f:
             offset = 0
             for line_number, line in enumerate(f, start=1):
                 start, offset = offset, offset + len(line)
-                space = int(draw.integers(len(self.token_spaces)))  # drawn for every line: bad lines shift nothing
                 if not line.strip():
                     continue  # blank lines hold no sample
                 try:
@@ -449,7 +436,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 except BadSample as e:
                     self._bad(line_number, e)
                     continue
-                kept = self.token_spaces[space].turns_that_fit(turns)
+                kept = token_space.turns_that_fit(turns)
                 if kept == 0:
                     self.skipped["first turn longer than max_seq_len"] += 1
                     continue
@@ -457,12 +444,10 @@ class ConversationDataset(torch.utils.data.Dataset):
                 offsets.append(start)
                 line_numbers.append(line_number)
                 turns_kept.append(kept)
-                spaces.append(space)
         # numpy rather than lists of Python ints: DataLoader workers then share the pages instead of copying them
         self.offsets = np.array(offsets, dtype=np.int64)
         self.line_numbers = np.array(line_numbers, dtype=np.int64)
         self.turns_kept = np.array(turns_kept, dtype=np.int64)
-        self.space = np.array(spaces, dtype=np.int64)  # index into token_spaces
         self.unreadable = set()  # indices whose image failed to decode (skip_bad)
         if not len(self):
             raise ValueError(f"no usable samples in {self.summary()}")
@@ -498,18 +483,13 @@ class ConversationDataset(torch.utils.data.Dataset):
                 self.unreadable.add(i)
                 print(f"skipping {self.path}, line {self.line_numbers[i]}: {e}", file=sys.stderr)
                 continue
-            turns = self.boxes_mapped(turns[:self.turns_kept[i]], img.size)
-            return self.token_spaces[self.space[i]].make_sample(img, turns)
+            return self.token_space.make_sample(img, self.boxes_mapped(turns[:self.turns_kept[i]], img.size))
         raise ValueError(f"{self.path}: no sample has a readable image")
 
     def summary(self):
         skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items())) or "none"
-        mix = ""
-        if len(self.token_spaces) > 1:
-            counts = np.bincount(self.space, minlength=len(self.token_spaces))
-            mix = ", n_l mixed: " + " ".join(f"{t.cfg.n_l}x{c}" for t, c in zip(self.token_spaces, counts))
         return (f"{self.path}: {len(self)} samples, skipped {sum(self.skipped.values())} ({skipped}), "
-                f"{self.turns_dropped} trailing turns dropped (max_seq_len={self.token_space.cfg.max_seq_len}){mix}")
+                f"{self.turns_dropped} trailing turns dropped (max_seq_len={self.token_space.cfg.max_seq_len})")
 
 
 # -----------------------------------------------------------------------------

@@ -29,7 +29,6 @@ LM_BATCH=${TINY_LM_BATCH:-64}
 CLIP_STEPS=${TINY_CLIP_STEPS:-300}         # stage 0, CLIP, 64 fresh image-text pairs per step
 ALIGN_STEPS=${TINY_ALIGN_STEPS:-100}       # stage 1, 16 conversations per step
 GEN_STEPS=${TINY_GEN_STEPS:-2000}          # stage 2, 2 processes x GEN_BATCH conversations per step
-GEN_NL_MIX=${TINY_GEN_NL_MIX-$NL}          # stage 2 trains each conversation at one of these n_l (empty: BASE_NL only)
 GEN_BATCH=${TINY_GEN_BATCH:-16}
 FT_STEPS=${TINY_FT_STEPS:-100}             # stage 3, 16 conversations per step
 GATE_LLM=${TINY_GATE_LLM:-75}              # gate 1: % exact match with the scene in words (the issue aimed at 80)
@@ -90,10 +89,10 @@ gate "1a, the LLM answers cell and row questions from the scene in words (% exac
 gate "1b, ... and not from the answers' prior (points above the same questions without the scene)" \
     "$($PYTHON -c "print($with - $without)")" "$GATE_GAP"
 
-progress "stage 2 (base model, n_l=$BASE_NL${GEN_NL_MIX:+, trained at n_l in $GEN_NL_MIX}, $GEN_STEPS steps, 2 processes)"
+progress "stage 2 (base model, n_l=$BASE_NL, $GEN_STEPS steps, 2 processes)"
 run "$LOGS/stage2_gen.log" $PYTHON -m torch.distributed.run --standalone --nproc_per_node=2 train_gen.py "${TINY[@]}" "${GEN[@]}" \
     --out_dir="$OUT/gen" --init_from="$OUT/align/ckpt.safetensors" --n_l="$BASE_NL" --n_s="$(n_s_of "$BASE_NL")" \
-    --max_iters="$GEN_STEPS" --batch_size="$GEN_BATCH" --grad_accum=1 ${GEN_NL_MIX:+--n_l_mix="${GEN_NL_MIX// /,},"}
+    --max_iters="$GEN_STEPS" --batch_size="$GEN_BATCH" --grad_accum=1
 grep "^step $GEN_STEPS/" "$LOGS/stage2_gen.log"
 for ablation in "" shuffle; do
   run "$LOGS/gate2_$ablation.log" $PYTHON evaluate.py --ckpt="$OUT/gen" --benchmarks=SYNTH_VQA --bench_dir="$D/bench" \

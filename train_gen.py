@@ -25,9 +25,6 @@ val_file: every eval_interval steps and at the end, the token-mean answer loss o
 (every rank a shard of it), and the same with the images rolled by one within each validation batch, so every
 conversation sees another sample's image: the gap says how much the model reads its images.
 
-n_l_mix (the miniature's stage 2, not the paper's): every training conversation at one of several n_l, a fixed one
-per line, so one base model serves every n_l of a sweep; validation stays at n_l.
-
 data_fraction < 1 (stage 3) trains on a fixed random subset of the JSONL's lines, drawn with its own seed: the same
 lines for every n_l and every seed (a line that does not fit max_seq_len at some n_l is skipped and counted there).
 """
@@ -77,7 +74,6 @@ class Config:
     num_crops: int = 16
     n_l: int = 256
     n_s: int = 8
-    n_l_mix: tuple = ()  # e.g. (1, 2, 4, 8): each training conversation at one of these n_l instead (n_s capped at it)
     drop_question: bool = False  # the VQ ablation: the fused model does not see the question (the LLM does)
     max_seq_len: int = 4096
     chat_template: str = "llama-2"  # the LLM's conversation layout: llama-2 (Llama-2-chat) or vicuna (Vicuna v1.1/v1.5)
@@ -105,8 +101,6 @@ class Config:
 cfg = read_config(Config(), sys.argv[1:], "train_gen.py")
 if not 0 < cfg.data_fraction <= 1:
     sys.exit(f"data_fraction must be in (0, 1], got {cfg.data_fraction}")
-if not all(isinstance(n, int) and n >= 1 for n in cfg.n_l_mix):
-    sys.exit(f"n_l_mix must be a tuple of n_l >= 1, e.g. --n_l_mix=1,2,4,8; got {cfg.n_l_mix}")
 
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
@@ -147,7 +141,7 @@ token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cf
                                           drop_question=cfg.drop_question, max_seq_len=cfg.max_seq_len,
                                           chat_template=cfg.chat_template))
 global_batch = cfg.batch_size * cfg.grad_accum * world_size
-dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad, n_l_mix=cfg.n_l_mix)
+dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
 log(dataset.summary())
 if cfg.data_fraction < 1:
     with open(train_path, "rb") as f:
