@@ -4,6 +4,7 @@ Benchmarks that print numbers; nothing here asserts.
     python bench.py --mode=modules   # our ViT, CLIPText, Llama vs transformers: same config, same weights, fwd+bwd
     python bench.py --mode=tokens    # FusedVLM (frozen LLM) step time and memory as n_l and the crop count grow,
                                      # model FLOPs per step, and the paper-size FLOPs per sample (analytic)
+    python bench.py --mode=tokens --compressor=pool     # the same with another compressor (fused | pool | resampler)
     python bench.py --mode=generate --device=cuda --gen_batch_size=16 [--ckpt=out/ft-64]
                                      # prefill and decode tokens/s of evaluate.py's batched greedy generation
     python bench.py --mode=train --device=cuda --train_steps=20
@@ -77,6 +78,7 @@ class Config:
     threads: int = 1  # torch.set_num_threads, the same for both sides; on a shared machine 1 is the only steady setting
     repeats: int = 7  # timed steps per point (medians)
     seed: int = 0
+    compressor: str = "fused"  # fused | pool | resampler: the FusedVLM's in tokens, train, generate (--ckpt: its own)
     # modules: one medium size shared by the three modules
     batch_size: int = 2
     width: int = 512
@@ -230,12 +232,13 @@ def bench_modules(cfg, device):
 # tokens: cost of vision tokens
 
 
-def small_vlm_config():
+def small_vlm_config(compressor):
     """Narrow enough for CPU, with the paper's proportions: 224 px crops of 14 px patches -> 65 tokens per crop
     after the merge (the paper's 336 px give 145), the fused model as wide as the ViT, a Llama-shaped LLM."""
     return FusedVLMConfig(ViTConfig(image_size=224, patch_size=14, width=128, layers=2, heads=4, mlp=512),
                           LlamaConfig(vocab_size=4000, dim=256, layers=2, heads=4, kv_heads=4, mlp=688),
-                          fused_layers=2, fused_heads=4, fused_mlp=512, fused_vocab_size=1000, n_queries=767)
+                          fused_layers=2, fused_heads=4, fused_mlp=512, fused_vocab_size=1000, n_queries=767,
+                          compressor=compressor)
 
 
 def synthetic_batch(cfg, n_l, crops, batch_size, device, pixels=True, **lengths):
@@ -278,7 +281,7 @@ def peak_memory_of_step(cfg, n_l, crops):
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    vlm = FusedVLM(small_vlm_config()).to(device)
+    vlm = FusedVLM(small_vlm_config(cfg.compressor)).to(device)
     batch = synthetic_batch(vlm.cfg, n_l, crops, cfg.tokens_batch_size, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -292,18 +295,19 @@ def peak_memory_of_step(cfg, n_l, crops):
     return (resident_kb("VmHWM") - before) / 1024
 
 
-def paper_flops(n_l, crops=13):
+def paper_flops(n_l, compressor, crops=13):
     """Paper model FLOPs of one training sample, by part: ViT-H/14 at 336 px on `crops` views (13 = global + 12
     tiles, what num_crops=16 makes of a 4:3 photo such as COCO's 640x480), a 20-token question, and on the LLM
-    side a 60-token system prompt and template, the n_l slots, the question and a 40-token answer."""
+    side a 60-token system prompt and template, the n_l slots, the question and a 40-token answer; the paper's
+    sizes with the given compressor."""
     with torch.device("meta"):
-        vlm = FusedVLM(FusedVLMConfig())
+        vlm = FusedVLM(FusedVLMConfig(compressor=compressor))
     batch = synthetic_batch(vlm.cfg, n_l, crops, 1, "cpu", pixels=False, question_len=20, prefix_len=60, answer_len=40)
     return flops_by_part(vlm, batch)
 
 
 def flops_by_part(vlm, batch):
-    """train_flops split into vision tower, fused model + bridge, LLM: train_flops counts the LLM over the
+    """train_flops split into vision tower, compressor + bridge, LLM: train_flops counts the LLM over the
     attention_mask's tokens and the vision tower over pixel_values' crops, so zeroing each isolates it."""
     total = train_flops(vlm, batch)
     no_llm = train_flops(vlm, dict(batch, attention_mask=torch.zeros_like(batch["attention_mask"])))
@@ -313,8 +317,8 @@ def flops_by_part(vlm, batch):
 
 def bench_tokens(cfg, device):
     torch.manual_seed(cfg.seed)
-    vlm = FusedVLM(small_vlm_config()).to(device).train()
-    print(f"small FusedVLM: vit {vlm.cfg.vit}\n  llm {vlm.cfg.llm}\n  fused {vlm.cfg.fused_layers} layers, "
+    vlm = FusedVLM(small_vlm_config(cfg.compressor)).to(device).train()
+    print(f"small FusedVLM: vit {vlm.cfg.vit}\n  llm {vlm.cfg.llm}\n  compressor {cfg.compressor}, {len(vlm.fused.layers)} layers, "
           f"{vlm.vision.tokens_per_crop()} vision tokens per crop; batch {cfg.tokens_batch_size} samples")
     n_ls, crop_counts = [int(n) for n in cfg.n_l.split(",")], [int(k) for k in cfg.crops.split(",")]
     points = [(n, cfg.crops_at) for n in n_ls] + [(cfg.n_l_at, k) for k in crop_counts]
@@ -352,9 +356,10 @@ def bench_tokens(cfg, device):
     for p in points:
         print("| " + " | ".join(f"{rows[p][k]:.1f}" if isinstance(rows[p][k], float) else str(rows[p][k]) for k in columns) + " |")
 
-    print("\npaper model (ViT-H/14 336 px x 13 views, 12-layer fused model, Llama-2-7B frozen), analytic, per sample:")
-    print("| n_l | TFLOPs | vision | fused+bridge | LLM | LLM share |\n|---|---|---|---|---|---|")
-    paper = {n: paper_flops(n) for n in n_ls}
+    print(f"\npaper model (ViT-H/14 336 px x 13 views, compressor {cfg.compressor} at the paper's fused-model sizes, "
+          f"Llama-2-7B frozen), analytic, per sample:")
+    print("| n_l | TFLOPs | vision | compressor+bridge | LLM | LLM share |\n|---|---|---|---|---|---|")
+    paper = {n: paper_flops(n, cfg.compressor) for n in n_ls}
     for n, f in paper.items():
         print(f"| {n} | {f['total'] / 1e12:.2f} | {f['vision'] / 1e12:.2f} | {f['fused'] / 1e12:.2f} | "
               f"{f['llm'] / 1e12:.2f} | {f['llm'] / f['total']:.0%} |")
@@ -366,7 +371,8 @@ def bench_tokens(cfg, device):
 
 def plot(cfg, sweeps, paper):
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    titles = {"n_l": f"small FusedVLM, {cfg.crops_at} crops, {cfg.device}", "crops": f"small FusedVLM, n_l = {cfg.n_l_at}"}
+    titles = {"n_l": f"small FusedVLM ({cfg.compressor}), {cfg.crops_at} crops, {cfg.device}",
+              "crops": f"small FusedVLM ({cfg.compressor}), n_l = {cfg.n_l_at}"}
     for a, (key, sweep) in zip(ax, sweeps.items()):
         x = [r[key] for r in sweep]
         for column, style, label in (("step_ms", "o-", "step ms (measured)"), ("saved_MB", "s-", "saved activations MB"),
@@ -374,7 +380,7 @@ def plot(cfg, sweeps, paper):
             a.plot(x, [r[column] for r in sweep], style, label=label)
         a.set(xlabel=key if key == "n_l" else "crops per sample", ylabel="ms or MB", title=titles[key])
     n_ls = list(paper)
-    for part, label in (("vision", "vision tower"), ("fused", "fused model + bridge"), ("llm", "frozen LLM"), ("total", "total")):
+    for part, label in (("vision", "vision tower"), ("fused", f"{cfg.compressor} + bridge"), ("llm", "frozen LLM"), ("total", "total")):
         ax[2].plot(n_ls, [paper[x][part] / 1e12 for x in n_ls], "o-", label=label)
     ax[2].set(xlabel="n_l", ylabel="TFLOPs per sample", title="paper model, analytic (13 views)")
     for a in ax:
@@ -404,7 +410,7 @@ def generation_model(cfg, device, dtype):
         sys.exit("--mode=generate without --ckpt builds the paper-size model (a 7B LLM): run it with --device=cuda, "
                  "or give a (tiny) checkpoint")
     with torch.device(device):  # random weights: the speed does not depend on their values
-        vlm = FusedVLM(FusedVLMConfig())
+        vlm = FusedVLM(FusedVLMConfig(compressor=cfg.compressor))
     return vlm.to(dtype).eval(), 256, 16, "the paper's configuration, random weights"
 
 
@@ -462,7 +468,7 @@ def bench_train(cfg, device):
     llm = Llama.from_hf(cfg.train_llama_path, dtype=torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
     vlm = FusedVLM(FusedVLMConfig(vit=vit.cfg, llm=llm.cfg, fused_layers=cfg.train_fused_layers,
                                   fused_heads=cfg.train_fused_heads, fused_mlp=cfg.train_fused_mlp,
-                                  fused_vocab_size=len(token_space.clip)), llm=llm)
+                                  fused_vocab_size=len(token_space.clip), compressor=cfg.compressor), llm=llm)
     vlm.vision.vit = vit
     wrap_blocks([*vit.layers, *vlm.fused.layers], cfg.train_activation_checkpointing, cfg.train_compile)
     vlm.to(device).train()

@@ -27,7 +27,8 @@ in the TSV's row order. Rerunning the same command resumes: predicted rows are k
 cut off), only the rest is generated, and a benchmark that results.csv already holds for this variant, n_l, n_s,
 ckpt and number of rows is not scored twice. The variant label defaults to the paper's names: VQQ (question
 fused), VQ (a VQQ checkpoint run with drop_question=True), VQ-ft (a checkpoint fine-tuned and run with
-drop_question=True); --image_ablation=shuffle appends "-shuffled".
+drop_question=True); a checkpoint of another compressor (model.py: pool, resampler) is labelled by its name and
+refuses drop_question=True; --image_ablation=shuffle appends "-shuffled".
 
 Under torchrun the batches are dealt out to the ranks in turn (batch j to rank j % world size, each batch made
 exactly as one process makes it, so the answers are the same); each rank appends to predictions_<b>.jsonl.rank<r>,
@@ -123,6 +124,9 @@ def run_settings(cfg, meta, model_cfg, path):
     if cfg.drop_question not in ("", "True", "False"):
         raise SystemExit(f"drop_question must be True, False or empty (as trained), got {cfg.drop_question!r}")
     drop_question = trained["drop_question"] if cfg.drop_question == "" else cfg.drop_question == "True"
+    if drop_question and model_cfg.compressor != "fused":
+        raise SystemExit(f"{path}: drop_question=True is the fused model's VQ ablation; this checkpoint's "
+                         f"compressor={model_cfg.compressor} never reads the question")
     ts_cfg = TokenSpaceConfig(clip_path=cfg.clip_path or meta["clip_path"],
                               llama_path=cfg.llama_path or meta["llama_path"], image_size=trained["image_size"],
                               num_crops=trained["num_crops"] if cfg.num_crops < 0 else cfg.num_crops,
@@ -133,7 +137,9 @@ def run_settings(cfg, meta, model_cfg, path):
     if ts_cfg.n_l - 1 > model_cfg.n_queries:
         raise SystemExit(f"{path}: n_l={ts_cfg.n_l} needs {ts_cfg.n_l - 1} learned queries, the checkpoint has "
                          f"{model_cfg.n_queries}")
-    variant = cfg.variant or VARIANTS.get((trained["drop_question"], drop_question))
+    # the paper's names label fused models; another compressor is labelled by its name (pool, resampler)
+    variant = cfg.variant or (VARIANTS.get((trained["drop_question"], drop_question)) if model_cfg.compressor == "fused"
+                              else model_cfg.compressor)
     if variant is None:
         raise SystemExit(f"{path} was trained with drop_question=True and runs with the question: name this "
                          f"combination with --variant")

@@ -5,12 +5,17 @@ Every network of tokenspace, in one file, nanoGPT style:
     [vision tokens][question][queries][EOS]... -> Llama-style decoder      = FusedModel
     fused outputs at the query/EOS positions -> Linear bridge -> frozen Llama = FusedVLM
 
+The fused model is one of three compressors (FusedVLMConfig.compressor) that turn the vision tokens into the n_l
+(first question) / n_s (later questions) tokens the LLM slots take, with the same inputs and outputs: "fused" (the
+paper's, question-aware), "pool" (adaptive average pooling, no parameters) and "resampler" (learned queries
+cross-attending to the vision tokens, question-blind).
+
 plus the CLIP text tower used as the target of stage-1 alignment (AlignModel), the loaders that read
 Hugging Face folders (safetensors only, strict key map), our checkpoint format and the FLOP count behind MFU.
 What a training run adds around them (optimizer, schedule, exact resume, FSDP) is in training.py.
 
 The vision-token count the LLM sees is the paper's knob n_l: it is set by the data (how many query slots
-fusion.py writes), not by the model, so one trained model can be run at any n_l up to n_queries + 1.
+fusion.py writes), not by the model, so one trained model can be run at any n_l up to n_queries + 1 (pool: any).
 """
 import json
 import math
@@ -76,13 +81,16 @@ class FusedVLMConfig:
     fused_mlp: int = 5120
     fused_vocab_size: int = 49408  # CLIP BPE: the question text is read with CLIP's tokenizer
     n_queries: int = 767  # learned query rows; n_l up to n_queries + 1 (the EOS is the last output)
+    # fused | pool | resampler: what makes the LLM's vision tokens; the resampler has n_queries + 1 query rows and
+    # fused_layers blocks of fused_heads heads and fused_mlp, so --compressor swaps the mechanism at the same size
+    compressor: str = "fused"
     fused_eps: float = 1e-6
     fused_rope_theta: float = 1e4
     bridge_init_std: float = 1e-3
 
     @staticmethod
     def from_dict(d):
-        d = dict(d)
+        d = dict(d)  # a checkpoint written before compressors existed has no "compressor": the default, fused
         subs = {"vit": ViTConfig, "llm": LlamaConfig, "text": CLIPTextConfig}
         return FusedVLMConfig(**{k: subs[k](**v) if k in subs else v for k, v in d.items()})
 
@@ -501,13 +509,147 @@ class FusedModel(nn.Module):
         return x[b, text_cols[b, j]]
 
 
+def question_sizes(query_mask, output_mask):
+    """[(sample, n)] for every question in slot order: its outputs are its n - 1 query slots and its EOS, the one
+    output that is not a query slot, so each EOS closes a question."""
+    sizes = []
+    for b in range(len(output_mask)):
+        outputs_so_far = output_mask[b].cumsum(0)[output_mask[b] & ~query_mask[b]].tolist()
+        sizes += [(b, end - start) for start, end in zip([0] + outputs_so_far, outputs_so_far)]
+    return sizes
+
+
+class PoolCompressor(nn.Module):
+    """Matryoshka-Multimodal style, no parameters, question-blind. For a question with n outputs in a sample of k
+    views: each view's g x g merged grid is average-pooled (adaptive_avg_pool2d) to s x s, s = min(g, ceil(sqrt(n / k)))
+    so the k s^2 tokens are at least n where the grid allows; those tokens, view by view in reading order, are
+    then average-pooled to n (adaptive_avg_pool1d: output i is the mean of tokens floor(i L / n) .. ceil((i+1) L / n) - 1).
+    n above the k g^2 vision tokens: the same rule gives bins of one or two neighbouring tokens, so tokens repeat
+    (n = 4 k g^2: each token 4 times), carrying nothing new. The separator is left out: it is the same learned
+    vector in every view and marks where a view ends in the fused model's sequence, which pooling has no use for."""
+
+    layers = ()  # no blocks to checkpoint, compile or shard
+
+    def __init__(self, cfg: FusedVLMConfig):
+        super().__init__()
+
+    def forward(self, vision_tokens, crop_to_sample, fused_ids, query_mask, output_mask):  # -> (N_out, D), slot order
+        grids = vision_tokens[:, :-1]  # (K, g*g, D), the separator dropped
+        K, V, D = grids.shape
+        g = math.isqrt(V)
+        grids = grids.transpose(1, 2).reshape(K, D, g, g)
+        out = []
+        for b, n in question_sizes(query_mask, output_mask):
+            views = grids[crop_to_sample == b]  # (k, D, g, g)
+            s = min(g, math.ceil(math.sqrt(n / len(views))))
+            tokens = F.adaptive_avg_pool2d(views, s).flatten(2).transpose(0, 1).reshape(D, -1)  # (D, k*s*s)
+            out.append(F.adaptive_avg_pool1d(tokens[None], n)[0].T)  # (n, D)
+        return torch.cat(out)
+
+
+def sincos_2d(row, col, dim):
+    """(N,) grid coordinates -> (N, dim): the fixed 2-D sine-cosine embedding of MAE and Qwen-VL's resampler, a
+    quarter of the channels each for sin(row), cos(row), sin(col), cos(col) at geometric frequencies."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=row.device).float() / (dim // 4))
+    return torch.cat([f(x.float()[:, None] * omega) for x in (row, col) for f in (torch.sin, torch.cos)], dim=-1)
+
+
+class ResamplerBlock(nn.Module):
+    """Pre-norm cross-attention of the queries to the vision tokens (keys carry the tokens' 2-D positions, the
+    queries theirs), then a SwiGLU MLP on the queries. The vision tokens themselves are not updated."""
+
+    def __init__(self, dim, heads, mlp, eps):
+        super().__init__()
+        self.heads = heads
+        self.query_norm = RMSNorm(dim, eps)
+        self.vision_norm = RMSNorm(dim, eps)
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.mlp_norm = RMSNorm(dim, eps)
+        self.gate_proj = nn.Linear(dim, mlp, bias=False)
+        self.up_proj = nn.Linear(dim, mlp, bias=False)
+        self.down_proj = nn.Linear(mlp, dim, bias=False)
+
+    def forward(self, x, query_pos, vision, vision_pos, mask):
+        """x, query_pos (B, Nq, D); vision, vision_pos (B, Tv, D); mask (B, 1, 1, Tv): the sample's own tokens."""
+        (B, Nq, D), Tv = x.shape, vision.shape[1]
+        v_in = self.vision_norm(vision)
+        q = self.q_proj(self.query_norm(x) + query_pos).view(B, Nq, self.heads, -1).transpose(1, 2)
+        k = self.k_proj(v_in + vision_pos).view(B, Tv, self.heads, -1).transpose(1, 2)
+        v = self.v_proj(v_in).view(B, Tv, self.heads, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.o_proj(y.transpose(1, 2).reshape(B, Nq, D))
+        h = self.mlp_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class Resampler(nn.Module):
+    """Qwen-VL style, question-blind: the j-th output of a question is query row j (rows 0 .. n-1 of n_queries + 1)
+    after fused_layers blocks of cross-attention to every merged token of its sample's views (the separators left
+    out: the positions already say where a token sits). Positions are 2-D sine-cosine of the g x g merged grid: a
+    token gets its cell, query j the cell j mod g^2 in reading order, so at the start query j looks at that cell
+    of every view. Queries do not attend to each other, so output j is the same whatever n is: a later question's
+    n_s outputs repeat the first question's first n_s."""
+
+    def __init__(self, cfg: FusedVLMConfig):
+        super().__init__()
+        dim = cfg.vit.width
+        if dim % 4:
+            raise ValueError(f"resampler: width {dim} must be a multiple of 4 for its 2-D positions")
+        self.queries = nn.Parameter(torch.zeros(cfg.n_queries + 1, dim))  # one more than the fused model: no EOS
+        self.layers = nn.ModuleList(ResamplerBlock(dim, cfg.fused_heads, cfg.fused_mlp, cfg.fused_eps)
+                                    for _ in range(cfg.fused_layers))
+        self.norm = RMSNorm(dim, cfg.fused_eps)
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, vision_tokens, crop_to_sample, fused_ids, query_mask, output_mask):  # -> (N_out, D), slot order
+        grids = vision_tokens[:, :-1]  # (K, g*g, D), the separator dropped
+        K, V, D = grids.shape
+        B = len(fused_ids)
+        g = math.isqrt(V)
+        # sample b's views side by side, padded to the most views of the batch (as FusedModel lays them out)
+        crops = torch.bincount(crop_to_sample, minlength=B)
+        crop_rank = torch.arange(K, device=crops.device) - (torch.cumsum(crops, 0) - crops)[crop_to_sample]
+        vision = grids.new_zeros(B, int(crops.max()) * V, D)
+        cols = (crop_rank[:, None] * V + torch.arange(V, device=crops.device)).reshape(-1)
+        vision = vision.index_put((crop_to_sample.repeat_interleave(V), cols), grids.reshape(-1, D))
+        cell = torch.arange(vision.shape[1], device=crops.device) % V
+        vision_pos = sincos_2d(cell // g, cell % g, D).to(vision.dtype)  # (Tv, D), the same for every sample
+        mask = (torch.arange(vision.shape[1], device=crops.device) < crops[:, None] * V)[:, None, None, :]
+        # the outputs, sample by sample: output j of a question is query row j (query slots hold rows 0..n-2 and the
+        # EOS, the n-th output, follows the last of them)
+        after_query = F.pad(query_mask[:, :-1], (1, 0))
+        rows = torch.where(query_mask, fused_ids, torch.where(after_query, F.pad(fused_ids[:, :-1], (1, 0)) + 1, 0))
+        b, j = output_mask.nonzero(as_tuple=True)  # row-major: slot order
+        outputs = output_mask.sum(1)
+        rank = torch.arange(len(b), device=b.device) - (torch.cumsum(outputs, 0) - outputs)[b]
+        row = rows[b, j]
+        x = vision.new_zeros(B, int(outputs.max()), D).index_put((b, rank), self.queries[row].to(vision.dtype))
+        query_pos = vision.new_zeros(B, x.shape[1], D).index_put(
+            (b, rank), sincos_2d(row % V // g, row % g, D).to(vision.dtype))
+        for layer in self.layers:
+            x = layer(x, query_pos, vision, vision_pos, mask)
+        return self.norm(x)[b, rank]
+
+
+COMPRESSORS = {"fused": FusedModel, "pool": PoolCompressor, "resampler": Resampler}
+
+
 class FusedVLM(nn.Module):
     def __init__(self, cfg: FusedVLMConfig, llm=None):
         """llm: an already loaded Llama (saves the random init of a 7B model that is about to be overwritten)."""
         super().__init__()
+        if cfg.compressor not in COMPRESSORS:
+            raise ValueError(f"compressor must be one of {', '.join(COMPRESSORS)}, got {cfg.compressor!r}")
         self.cfg = cfg
         self.vision = VisionTower(cfg.vit)
-        self.fused = FusedModel(cfg)
+        self.fused = COMPRESSORS[cfg.compressor](cfg)  # "fused" for every compressor: the fused checkpoints' keys
+        if cfg.compressor != "fused":  # only the fused model reads the separator; DDP would wait for its gradient
+            self.vision.separator.requires_grad_(False)
         self.bridge = nn.Linear(cfg.vit.width, cfg.llm.dim, bias=False)
         nn.init.normal_(self.bridge.weight, std=cfg.bridge_init_std)
         self.llm = (Llama(cfg.llm) if llm is None else llm).requires_grad_(False)
@@ -720,11 +862,12 @@ def linear_params(module):
 
 
 def train_flops(model, batch):
-    """Model FLOPs of one forward+backward of a FusedVLM or an AlignModel on `batch` (MFU's numerator;
+    """Model FLOPs of one forward+backward of a FusedVLM (any compressor) or an AlignModel on `batch` (MFU's numerator;
     recomputation from activation checkpointing is not counted). A trainable weight costs 6 FLOPs per token
     (forward 2, input gradient 2, weight gradient 2); a frozen LLM weight 4 (no weight gradient, but the
     gradient must flow through it to the bridge). Attention scores cost 12 x layers x width x T per token
-    everywhere: their backward needs the gradients of Q, K and V whether or not the weights train."""
+    everywhere (the resampler's cross-attention: 12 x layers x width x its vision tokens per output): their
+    backward needs the gradients of Q, K and V whether or not the weights train."""
     vit = model.vision.vit.cfg
     K = batch["pixel_values"].shape[0]
     patches = (vit.image_size // vit.patch_size) ** 2
@@ -733,10 +876,18 @@ def train_flops(model, batch):
     flops += 4 * K * model.vision.vit.patch_embedding.weight.numel() * patches  # pixels need no gradient: 4, not 6
     flops += 12 * K * vit.layers * vit.width * (1 + patches) ** 2
     B = batch["fused_ids"].shape[0]
-    fused_lens = torch.bincount(batch["crop_to_sample"], minlength=B) * model.vision.tokens_per_crop() \
-        + batch["fused_attention_mask"].sum(-1)
-    flops += 6 * linear_params(model.fused) * int(fused_lens.sum())
-    flops += 12 * model.cfg.fused_layers * vit.width * int((fused_lens ** 2).sum())
+    crops = torch.bincount(batch["crop_to_sample"], minlength=B)
+    if isinstance(model.fused, FusedModel):  # self-attention over [vision tokens][fused text] per sample
+        fused_lens = crops * model.vision.tokens_per_crop() + batch["fused_attention_mask"].sum(-1)
+        flops += 6 * linear_params(model.fused) * int(fused_lens.sum())
+        flops += 12 * model.cfg.fused_layers * vit.width * int((fused_lens ** 2).sum())
+    elif isinstance(model.fused, Resampler):  # k, v over the sample's vision tokens, the rest over its outputs
+        vision_lens = crops * (model.vision.tokens_per_crop() - 1)  # no separators
+        outputs = batch["output_mask"].sum(-1)
+        kv = sum(block.k_proj.weight.numel() + block.v_proj.weight.numel() for block in model.fused.layers)
+        flops += 6 * kv * int(vision_lens.sum()) + 6 * (linear_params(model.fused) - kv) * int(outputs.sum())
+        flops += 12 * model.cfg.fused_layers * vit.width * int((outputs * vision_lens).sum())
+    # PoolCompressor: averages only, no matmul
     if isinstance(model, AlignModel):  # the CLIP text tower and the alignment head train too
         text_lens = batch["answer_attention_mask"].sum(-1)
         flops += 6 * linear_params(model.text) * int(text_lens.sum())

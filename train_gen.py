@@ -10,6 +10,14 @@ gradients, not in the optimizer, not in DDP's buckets, never in a checkpoint). i
 vision and fused weights; the bridge starts fresh, the text tower and alignment head are dropped) or a stage-2 one
 (bridge included); empty: the vision trunk from clip_path and a random fused model.
 
+compressor (model.py) chooses what makes the n_l / n_s LLM tokens: fused (the paper's fused model), pool (average
+pooling, no parameters) or resampler (learned queries cross-attending to the vision tokens, fused_layers x
+fused_heads x fused_mlp). Stage 1 (train_align.py) aligns the fused model's outputs, so it trains fused models
+only; init_from a stage-1 checkpoint with compressor=pool or resampler takes its vision tower (trunk, merge conv,
+norm) and starts the compressor fresh (a log line says so), which makes stage 1 a vision-tower pre-training for
+them. A stage-2/3 checkpoint records its compressor (model_config); init_from and resume refuse another one.
+drop_question=True (the VQ ablation) is refused with pool and resampler: they never read the question.
+
 Loss: cross-entropy on the answer tokens and their </s>, normalised by the supervised-token count N of the WHOLE
 optimizer step. Each step first collates its micro-batches, counts their label tokens and all-reduces the count;
 then micro-batch m on rank r back-propagates loss_sum[r, m] * world_size / N. DDP averages gradients over ranks,
@@ -41,7 +49,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, step_batches
-from model import FusedVLM, FusedVLMConfig, Llama, ViT, load_checkpoint, load_trainable, peak_flops
+from model import COMPRESSORS, FusedVLM, FusedVLMConfig, Llama, ViT, load_checkpoint, load_trainable, peak_flops
 from training import (StepLog, all_reduce, answer_loss_step, check_inputs, checkpoint_meta, claim_out_dir, config_diff,
                       configure_optimizer, cosine_lr, epoch_steps, read_config, read_resumable,
                       restore_training_state, save_training_checkpoint, seed_everything, set_lr, shard,
@@ -78,6 +86,7 @@ class Config:
     max_seq_len: int = 4096
     chat_template: str = "llama-2"  # the LLM's conversation layout: llama-2 (Llama-2-chat) or vicuna (Vicuna v1.1/v1.5)
     # model (must match init_from's)
+    compressor: str = "fused"  # fused | pool | resampler: vision tokens -> the n_l / n_s LLM tokens (see above)
     fused_layers: int = 12
     fused_heads: int = 20
     fused_mlp: int = 5120
@@ -101,6 +110,10 @@ class Config:
 cfg = read_config(Config(), sys.argv[1:], "train_gen.py")
 if not 0 < cfg.data_fraction <= 1:
     sys.exit(f"data_fraction must be in (0, 1], got {cfg.data_fraction}")
+if cfg.compressor not in COMPRESSORS:
+    sys.exit(f"compressor must be one of {', '.join(COMPRESSORS)}, got {cfg.compressor!r}")
+if cfg.drop_question and cfg.compressor != "fused":
+    sys.exit(f"drop_question=True is the fused model's VQ ablation; compressor={cfg.compressor} never reads the question")
 
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
@@ -175,7 +188,7 @@ llm = Llama.from_hf(cfg.llama_path, dtype=torch.bfloat16 if bf16 else torch.floa
                     shard=shard_llm if cfg.fsdp else None).requires_grad_(False)
 model_cfg = FusedVLMConfig(vit=vit.cfg, llm=llm.cfg, fused_layers=cfg.fused_layers, fused_heads=cfg.fused_heads,
                            fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip),
-                           bridge_init_std=cfg.bridge_init_std)
+                           bridge_init_std=cfg.bridge_init_std, compressor=cfg.compressor)
 raw_model = FusedVLM(model_cfg, llm=llm)
 raw_model.vision.vit = vit
 del vit, llm
@@ -185,16 +198,30 @@ if cfg.resume:
     load_trainable(raw_model, trained_weights(resumed), ckpt_path)
 elif cfg.init_from:
     tensors, meta = load_checkpoint(cfg.init_from, prefix="model.")
-    # what the trained parts were built for must match; a stage-1 checkpoint knows no LLM (its bridge starts fresh)
-    diff = config_diff(meta.get("model_config", {}), model_cfg,
-                       ignore=("text", "bridge_init_std") + (("llm",) if meta.get("stage") == "align" else ()))
+    stage1 = meta.get("stage") == "align"
+    theirs = meta.get("model_config", {}).get("compressor", "fused")  # checkpoints from before compressors: fused
+    if not stage1 and theirs != cfg.compressor:
+        sys.exit(f"init_from {cfg.init_from}: trained with compressor={theirs}, this run has compressor={cfg.compressor}; "
+                 f"start from a checkpoint of this compressor, or from a stage-1 one (its vision tower fits any)")
+    # parts that keep their fresh init: a stage-1 checkpoint has no bridge, and its fused model is no use to
+    # another compressor, which takes only its vision tower
+    fresh = (("bridge.",) + (("fused.",) if cfg.compressor != "fused" else ())) if stage1 else ()
+    # what the trained parts were built for must match; a stage-1 checkpoint knows no LLM
+    ignore = ("text", "bridge_init_std") + (("llm",) if stage1 else ())
+    if "fused." in fresh:
+        ignore = [k for k in asdict(model_cfg) if k != "vit"]
+    diff = config_diff(meta.get("model_config", {}), model_cfg, ignore=ignore)
     if diff:
         sys.exit(f"init_from {cfg.init_from}: its model differs from this config's (checkpoint, now): {diff}")
     weights = trained_weights(tensors)
-    if "bridge.weight" not in weights:  # a stage-1 checkpoint: the bridge keeps its fresh N(0, bridge_init_std) init
-        weights["bridge.weight"] = raw_model.bridge.weight.detach().clone()
+    if fresh:
+        weights = {k: v for k, v in weights.items() if not k.startswith(fresh)}
+        weights.update({k: v.detach().clone() for k, v in raw_model.trainable_state_dict().items() if k.startswith(fresh)})
     load_trainable(raw_model, weights, cfg.init_from, unused_prefixes=("text.", "align_head.", "logit_scale"))
     log(f"initialised from {cfg.init_from} ({meta.get('stage')} checkpoint at step {meta.get('step')})")
+    if "fused." in fresh:
+        log(f"compressor={cfg.compressor}: stage 1 trained a fused model; only its vision tower is taken, the "
+            f"{cfg.compressor} starts fresh")
 wrap_blocks([*raw_model.vision.vit.layers, *raw_model.fused.layers], cfg.activation_checkpointing, cfg.compile)
 if cfg.fsdp:
     shard(raw_model, [*raw_model.vision.vit.layers, *raw_model.fused.layers], device, bf16)  # moves it to device

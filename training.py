@@ -239,9 +239,12 @@ def save_training_checkpoint(path, model, weights, optimizer, meta, device, log)
 
 
 def config_diff(theirs, ours, ignore=()):
-    """{key: (checkpoint's value, ours)} where a dataclass config differs from a checkpoint's JSON copy of one."""
+    """{key: (checkpoint's value, ours)} where a dataclass config differs from a checkpoint's JSON copy of one. A key
+    the checkpoint lacks, written before the key existed, counts as the key's default (e.g. compressor: fused)."""
+    defaults = json.loads(json.dumps(asdict(type(ours)())))
+    theirs = {**defaults, **theirs}
     ours = json.loads(json.dumps(asdict(ours)))
-    return {k: (theirs.get(k), v) for k, v in ours.items() if k not in ignore and theirs.get(k) != v}
+    return {k: (theirs[k], v) for k, v in ours.items() if k not in ignore and theirs[k] != v}
 
 
 def read_resumable(path, stage, model_cfg, train_cfg, data_order_keys, world_size, log):
