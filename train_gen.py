@@ -15,7 +15,8 @@ pooling, no parameters) or resampler (learned queries cross-attending to the vis
 fused_heads x fused_mlp). Stage 1 (train_align.py) aligns the fused model's outputs, so it trains fused models
 only; init_from a stage-1 checkpoint with compressor=pool or resampler takes its vision tower (trunk, merge conv,
 norm) and starts the compressor fresh (a log line says so), which makes stage 1 a vision-tower pre-training for
-them. A stage-2/3 checkpoint records its compressor (model_config); init_from and resume refuse another one.
+them. So does init_from a stage-2/3 checkpoint of another compressor (a compressor swapped onto a trained vision
+tower, as the miniature compares them). A checkpoint records its compressor (model_config); resume refuses another.
 drop_question=True (the VQ ablation) is refused with pool and resampler: they never read the question.
 
 Loss: cross-entropy on the answer tokens and their </s>, normalised by the supervised-token count N of the WHOLE
@@ -200,15 +201,13 @@ elif cfg.init_from:
     tensors, meta = load_checkpoint(cfg.init_from, prefix="model.")
     stage1 = meta.get("stage") == "align"
     theirs = meta.get("model_config", {}).get("compressor", "fused")  # checkpoints from before compressors: fused
-    if not stage1 and theirs != cfg.compressor:
-        sys.exit(f"init_from {cfg.init_from}: trained with compressor={theirs}, this run has compressor={cfg.compressor}; "
-                 f"start from a checkpoint of this compressor, or from a stage-1 one (its vision tower fits any)")
-    # parts that keep their fresh init: a stage-1 checkpoint has no bridge, and its fused model is no use to
-    # another compressor, which takes only its vision tower
-    fresh = (("bridge.",) + (("fused.",) if cfg.compressor != "fused" else ())) if stage1 else ()
+    # parts that keep their fresh init: a stage-1 checkpoint has no bridge; a checkpoint of another compressor
+    # (every stage-1 one is fused) gives only its vision tower
+    swapped = theirs != cfg.compressor
+    fresh = ("bridge.", "fused.") if swapped else ("bridge.",) if stage1 else ()
     # what the trained parts were built for must match; a stage-1 checkpoint knows no LLM
     ignore = ("text", "bridge_init_std") + (("llm",) if stage1 else ())
-    if "fused." in fresh:
+    if swapped:
         ignore = [k for k in asdict(model_cfg) if k != "vit"]
     diff = config_diff(meta.get("model_config", {}), model_cfg, ignore=ignore)
     if diff:
@@ -219,9 +218,9 @@ elif cfg.init_from:
         weights.update({k: v.detach().clone() for k, v in raw_model.trainable_state_dict().items() if k.startswith(fresh)})
     load_trainable(raw_model, weights, cfg.init_from, unused_prefixes=("text.", "align_head.", "logit_scale"))
     log(f"initialised from {cfg.init_from} ({meta.get('stage')} checkpoint at step {meta.get('step')})")
-    if "fused." in fresh:
-        log(f"compressor={cfg.compressor}: stage 1 trained a fused model; only its vision tower is taken, the "
-            f"{cfg.compressor} starts fresh")
+    if swapped:
+        log(f"compressor={cfg.compressor}: {cfg.init_from} holds a {theirs} model; only its vision tower is taken, "
+            f"the {cfg.compressor} and the bridge start fresh")
 wrap_blocks([*raw_model.vision.vit.layers, *raw_model.fused.layers], cfg.activation_checkpointing, cfg.compile)
 if cfg.fsdp:
     shard(raw_model, [*raw_model.vision.vit.layers, *raw_model.fused.layers], device, bf16)  # moves it to device
