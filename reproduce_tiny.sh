@@ -8,9 +8,10 @@
 #        -> stage 1: alignment -> stage 2: a base model at n_l = BASE_NL
 #           GATE 2: the model reads its images (SYNTH_VQA's cell questions with the right images >= GATE_GAP points
 #           above the same model shown other rows' images, evaluate.py --image_ablation=shuffle)
+#        -> stage 2b: the question-blind compressors (pool, resampler) on the base model's vision tower
 #        -> stage 3: one fine-tune per n_l on the same 10% of the data, with the question fused (VQQ) and without
-#           it (VQ-ft) -> every fine-tune on the 4 synthetic benchmarks, VQQ also with shuffled images
-#           -> results.csv -> scaling_fit.py -> the paper's two findings checked against stated targets.
+#           it (VQ-ft), and of each compressor -> every fine-tune on the 4 synthetic benchmarks, VQQ also with
+#           shuffled images -> results.csv -> scaling_fit.py -> the paper's two findings checked against targets.
 #     bash reproduce_tiny.sh
 # The sizes below can be set from the environment (tests/test_reproduce_tiny.py runs a seconds-long version with the
 # gates off). Two processes run at once where the stages allow it, each on one thread: on 2 cores that is faster
@@ -24,14 +25,15 @@ NL=${TINY_NL:-"1 2 4 8 16 32 64"}          # the stage-3 sweep; n_s = min(n_l, 4
 BASE_NL=${TINY_BASE_NL:-64}                # stages 1 and 2 (the paper: 256 / 8)
 N_TRAIN=${TINY_TRAIN:-10000}               # training conversations (stage 3 uses 10% of them)
 N_BENCH=${TINY_BENCH:-150}                 # rows per benchmark
-LM_STEPS=${TINY_LM_STEPS:-2000}            # stage 0, the LLM, LM_BATCH fresh conversations per step
+LM_STEPS=${TINY_LM_STEPS:-2500}            # stage 0, the LLM, LM_BATCH fresh conversations per step
 LM_BATCH=${TINY_LM_BATCH:-64}
 CLIP_STEPS=${TINY_CLIP_STEPS:-300}         # stage 0, CLIP, 64 fresh image-text pairs per step
 ALIGN_STEPS=${TINY_ALIGN_STEPS:-100}       # stage 1, 16 conversations per step
 GEN_STEPS=${TINY_GEN_STEPS:-2000}          # stage 2, 2 processes x GEN_BATCH conversations per step
 GEN_BATCH=${TINY_GEN_BATCH:-16}
+SWAP_STEPS=${TINY_SWAP_STEPS:-600}         # stage 2b, each compressor 1 process x 2 GEN_BATCH conversations per step
 FT_STEPS=${TINY_FT_STEPS:-100}             # stage 3, 16 conversations per step
-GATE_LLM=${TINY_GATE_LLM:-75}              # gate 1: % exact match with the scene in words (the issue aimed at 80)
+GATE_LLM=${TINY_GATE_LLM:-80}              # gate 1: % exact match with the scene in words
 GATE_GAP=${TINY_GATE_GAP:-20}              # gates 1 and 2: points above the blind / shuffled-image baseline
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 MPLBACKEND=Agg
@@ -72,7 +74,8 @@ progress "data: $N_TRAIN training conversations, 4 benchmarks x $N_BENCH rows"
 run "$LOGS/prepare.log" $PYTHON data/synthetic/prepare.py --out_dir="$D" --n_train="$N_TRAIN" --n_val=$(( N_TRAIN / 50 )) --n_bench="$N_BENCH"
 
 progress "stage 0: LLM ($LM_STEPS steps), at once with CLIP ($CLIP_STEPS steps), then stage 1 (alignment, $ALIGN_STEPS steps)"
-run "$LOGS/stage0_llm.log" $PYTHON data/synthetic/pretrain_llm.py --data_dir="$D" --llama_path="$D/llama" \
+# the LLM is the long pole: two threads (1.7x faster per step), sharing the cores with CLIP and stage 1 at first
+OMP_NUM_THREADS=2 run "$LOGS/stage0_llm.log" $PYTHON data/synthetic/pretrain_llm.py --data_dir="$D" --llama_path="$D/llama" \
     --out_dir="$D/llama-lm" --max_iters="$LM_STEPS" --batch_size="$LM_BATCH" & stage0=$!
 run "$LOGS/stage0_clip.log" $PYTHON data/synthetic/pretrain_clip.py --data_dir="$D" --out_dir="$D/clip-pretrained" \
     --max_iters="$CLIP_STEPS"
@@ -104,14 +107,28 @@ progress "stage 2 on SYNTH_VQA's cell questions: $right with the right images, $
 gate "2, the model reads its images (points above shuffled images, SYNTH_VQA cell questions)" \
     "$($PYTHON -c "print($right - $shuffled)")" "$GATE_GAP"
 
+# pool and resampler are question-blind; each takes the base model's trained vision tower (its own compressor and
+# bridge fresh) and trains SWAP_STEPS at n_l = BASE_NL, both at once, before its own stage 3
+progress "stage 2b: pool and resampler on the base model's vision tower ($SWAP_STEPS steps each, at once)"
+pids=()
+for compressor in pool resampler; do
+  run "$LOGS/stage2b_$compressor.log" $PYTHON train_gen.py "${TINY[@]}" "${GEN[@]}" --compressor=$compressor \
+      --out_dir="$OUT/gen-$compressor" --init_from="$OUT/gen/ckpt.safetensors" --n_l="$BASE_NL" \
+      --n_s="$(n_s_of "$BASE_NL")" --max_iters="$SWAP_STEPS" --batch_size=$(( 2 * GEN_BATCH )) --grad_accum=1 & pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+for compressor in pool resampler; do
+  progress "  stage 2b $compressor: $(grep "^step $SWAP_STEPS/" "$LOGS/stage2b_$compressor.log" | cut -d'|' -f2)"
+done
+
 BENCHMARKS=SYNTH_YORN,SYNTH_MCQ,SYNTH_VQA,SYNTH_CAPTION
-sweep() {  # sweep VARIANT DROP_QUESTION [IMAGE_ABLATION...]: stage 3 for every n_l, then all of them on the benchmarks
-  local variant=$1 drop=$2 ckpts=() n ablation
-  shift 2
+sweep() {  # sweep VARIANT BASE TRAIN_ARG [IMAGE_ABLATION...]: stage 3 for every n_l from BASE, then all on the benchmarks
+  local variant=$1 base=$2 train_arg=$3 ckpts=() n ablation
+  shift 3
   for n in $NL; do
     run "$LOGS/stage3_${variant}_nl$n.log" $PYTHON train_gen.py "${TINY[@]}" "${GEN[@]}" --out_dir="$OUT/ft-$variant-$n" \
-        --init_from="$OUT/gen/ckpt.safetensors" --data_fraction=0.1 --max_iters="$FT_STEPS" \
-        --n_l="$n" --n_s="$(n_s_of "$n")" --drop_question="$drop"
+        --init_from="$base/ckpt.safetensors" --data_fraction=0.1 --max_iters="$FT_STEPS" \
+        --n_l="$n" --n_s="$(n_s_of "$n")" "$train_arg"
     progress "  stage 3 $variant n_l=$n: $(grep "^step $FT_STEPS/" "$LOGS/stage3_${variant}_nl$n.log" | cut -d'|' -f2)"
     ckpts+=("$OUT/ft-$variant-$n")
   done
@@ -121,20 +138,21 @@ sweep() {  # sweep VARIANT DROP_QUESTION [IMAGE_ABLATION...]: stage 3 for every 
     progress "  evaluated $variant ${ablation:+($ablation images)}: $(tail -n 1 "$LOGS/eval_$variant$ablation.log")"
   done
 }
-progress "stage 3 (n_l in $NL, 10% of the data, $FT_STEPS steps each) and evaluation: VQQ and VQ-ft at once"
-sweep VQQ False shuffle & vqq=$!
-sweep VQ-ft True & vqft=$!
-wait $vqq
-wait $vqft
+progress "stage 3 (n_l in $NL, 10% of the data, $FT_STEPS steps each) and evaluation: two sweeps at a time"
+{ sweep VQQ "$OUT/gen" --drop_question=False shuffle && sweep pool "$OUT/gen-pool" --compressor=pool; } & first=$!
+{ sweep VQ-ft "$OUT/gen" --drop_question=True && sweep resampler "$OUT/gen-resampler" --compressor=resampler; } & second=$!
+wait $first
+wait $second
 
 progress "results and scaling fit -> $RESULTS"
-{ cat "$OUT/eval-VQQ/results.csv"; tail -n +2 "$OUT/eval-VQ-ft/results.csv"; } > "$RESULTS/results.csv"
+{ cat "$OUT/eval-VQQ/results.csv"; for v in VQ-ft pool resampler; do tail -n +2 "$OUT/eval-$v/results.csv"; done; } \
+    > "$RESULTS/results.csv"
 # zero scores cannot enter a log-space fit: they are skipped and listed in the log
-run "$LOGS/scaling_fit.log" $PYTHON scaling_fit.py "$RESULTS/results.csv" --variants=VQQ,VQ-ft,VQQ-shuffled \
+run "$LOGS/scaling_fit.log" $PYTHON scaling_fit.py "$RESULTS/results.csv" --variants=VQQ,VQ-ft,VQQ-shuffled,pool,resampler \
     --out_dir="$RESULTS" --skip_bad=True
 cat "$LOGS/scaling_fit.log"
 # every metric, the question types (category:*) too: which kinds of question gain from more tokens
-run "$LOGS/scaling_fit_all.log" $PYTHON scaling_fit.py "$RESULTS/results.csv" --variants=VQQ,VQ-ft,VQQ-shuffled \
+run "$LOGS/scaling_fit_all.log" $PYTHON scaling_fit.py "$RESULTS/results.csv" --variants=VQQ,VQ-ft,VQQ-shuffled,pool,resampler \
     --metrics=all --skip_bad=True --out_dir="$OUT/fit-all-metrics"
 cp "$OUT/fit-all-metrics/fits.csv" "$RESULTS/fits_all_metrics.csv"
 # finding 2's picture: VQQ minus VQ-ft at each n_l (scaling_fit.py draws it for exactly two variants)

@@ -177,9 +177,10 @@ CI_NL = (1, 2, 4)  # a fit needs 3 distinct n_l
 # 60 small LLM steps: enough for it to answer in the benchmarks' formats, so some scores are positive and get fitted
 CI_ENV = {"TINY_NL": " ".join(map(str, CI_NL)), "TINY_BASE_NL": "4", "TINY_TRAIN": "160", "TINY_BENCH": "8",
           "TINY_LM_STEPS": "60", "TINY_LM_BATCH": "8", "TINY_CLIP_STEPS": "2", "TINY_ALIGN_STEPS": "1",
-          "TINY_GEN_STEPS": "1", "TINY_FT_STEPS": "1", "TINY_GEN_BATCH": "4",
+          "TINY_GEN_STEPS": "1", "TINY_SWAP_STEPS": "1", "TINY_FT_STEPS": "1", "TINY_GEN_BATCH": "4",
           # a seconds-long run learns nothing: the gates are measured and printed, but cannot stop it
           "TINY_GATE_LLM": "-1", "TINY_GATE_GAP": "-1000"}
+VARIANTS = ("VQQ", "VQ-ft", "VQQ-shuffled", "pool", "resampler")
 HEADLINE = {"SYNTH_YORN": {"Overall", "acc", "precision", "recall"}, "SYNTH_MCQ": {"Overall"},
             "SYNTH_VQA": {"Overall"}, "SYNTH_CAPTION": {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"}}
 
@@ -197,7 +198,7 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     with open(tmp_path / "results" / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     got = {(r["variant"], r["benchmark"], r["metric"], int(r["n_l"]), int(r["n_s"])) for r in rows}
-    for variant in ("VQQ", "VQ-ft", "VQQ-shuffled"):
+    for variant in VARIANTS:
         for n in CI_NL:
             for benchmark, metrics in HEADLINE.items():
                 for metric in metrics:
@@ -207,7 +208,7 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     # the words yes / no occurs and it is the answer
     for r in rows:
         if r["benchmark"] == "SYNTH_YORN" and r["metric"] == "acc":
-            sweep = "eval-VQ-ft" if r["variant"] == "VQ-ft" else "eval-VQQ"  # VQQ-shuffled runs with VQQ's sweep
+            sweep = "eval-" + r["variant"].removesuffix("-shuffled")  # VQQ-shuffled runs with VQQ's sweep
             run_dir = tmp_path / "out" / sweep / f"{r['variant']}_nl{r['n_l']}"
             with open(run_dir / "predictions_SYNTH_YORN.jsonl") as f:
                 predicted = {p["index"]: p["prediction"] for p in map(json.loads, f)}
@@ -220,7 +221,7 @@ def test_reproduce_tiny_end_to_end(tmp_path):
         fits = list(csv.DictReader(f))
     fitted = {(f["variant"], f["benchmark"], f["metric"], f["form"]) for f in fits}
     assert fitted and all(int(f["n_points"]) == len(CI_NL) for f in fits)
-    assert {v for v, _, _, _ in fitted} <= {"VQQ", "VQ-ft", "VQQ-shuffled"} and {form for *_, form in fitted} == {"power", "two_regime"}
+    assert {v for v, _, _, _ in fitted} <= set(VARIANTS) and {form for *_, form in fitted} == {"power", "two_regime"}
     # a curve is fitted exactly when all its scores are positive (a log-space fit cannot take a 0)
     positive = {}
     for r in rows:

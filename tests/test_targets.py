@@ -9,11 +9,11 @@ HEADLINE = {"SYNTH_YORN": "Overall", "SYNTH_MCQ": "Overall", "SYNTH_VQA": "Overa
 NL = (1, 2, 4, 8)
 
 
-def write_folder(folder, score, alphas):
+def write_folder(folder, score, alphas, variants=("VQQ", "VQ-ft", "VQQ-shuffled")):
     with open(folder / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["variant", "benchmark", "metric", "n_l", "n_s", "score", "ckpt", "n_samples"])
-        for variant in ("VQQ", "VQ-ft", "VQQ-shuffled"):
+        for variant in variants:
             for benchmark, metric in HEADLINE.items():
                 for n in NL:
                     writer.writerow([variant, benchmark, metric, n, min(n, 4), score(variant, benchmark, n), "x", 10])
@@ -56,3 +56,16 @@ def test_targets_met_and_not_met_as_worked_out_by_hand(tmp_path):
         "target: alpha < 0 and R^2 >= 0.8: met (2 of 4 benchmarks: SYNTH_YORN, SYNTH_CAPTION)",
         "target: >= 5 points at every n_l <= 4: NOT MET (1 of 4 benchmarks: SYNTH_YORN)"], out
     assert out.rstrip().endswith("2 of 3 targets met")
+
+
+def test_compressors_beside_the_fused_model_when_there(tmp_path):
+    def score(variant, benchmark, n):
+        return 50.0 + n - {"pool": 3, "resampler": -1.5}.get(variant, 0)
+
+    write_folder(tmp_path, score, {b: (-0.1, 0.9) for b in HEADLINE},
+                 variants=("VQQ", "VQ-ft", "VQQ-shuffled", "pool", "resampler"))
+    _, out = run(tmp_path)
+    assert "  SYNTH_MCQ Overall VQQ - pool: n_l 1: +3.0, n_l 2: +3.0, n_l 4: +3.0, n_l 8: +3.0" in out
+    assert "  SYNTH_MCQ Overall VQQ - resampler: n_l 1: -1.5, n_l 2: -1.5, n_l 4: -1.5, n_l 8: -1.5" in out
+    assert "  SYNTH_VQA Overall pool: 48.0 49.0 51.0 55.0 | alpha nan, R^2 nan" in out  # pool has no fit here
+    assert out.rstrip().endswith("of 3 targets met")

@@ -9,7 +9,9 @@ The miniature's three targets, from a reproduce_tiny.sh results folder (results.
                     log space >= 0.8
   finding 2         at every n_l <= 4, VQQ (question fused) beats VQ-ft (fine-tuned without it) by >= 5 points on at
                     least two benchmarks
-Each benchmark is judged on its headline number (CIDEr for captions). Prints the numbers and met / NOT MET per target.
+Each benchmark is judged on its headline number (CIDEr for captions). Prints the numbers and met / NOT MET per target,
+(with no target) the question-blind compressors pool and resampler beside VQQ's fused model at every n_l, with their
+fitted laws, when results.csv holds them.
 """
 import csv
 import os
@@ -35,8 +37,9 @@ def main(folder, nl):
         score = {(r["variant"], r["benchmark"], int(r["n_l"])): float(r["score"]) for r in csv.DictReader(f)
                  if HEADLINE.get(r["benchmark"]) == r["metric"]}
     with open(os.path.join(folder, "fits.csv"), newline="") as f:
-        fits = {r["benchmark"]: r for r in csv.DictReader(f)
-                if r["variant"] == "VQQ" and r["form"] == "power" and HEADLINE.get(r["benchmark"]) == r["metric"]}
+        all_fits = {(r["variant"], r["benchmark"]): r for r in csv.DictReader(f)
+                    if r["form"] == "power" and HEADLINE.get(r["benchmark"]) == r["metric"]}
+    fits = {b: fit for (variant, b), fit in all_fits.items() if variant == "VQQ"}
     largest = max(nl)
     verdicts = []
 
@@ -52,13 +55,19 @@ def main(folder, nl):
               f"({gaps[b]:+.1f})")
     judge(f"target: VQQ beats VQQ-shuffled by >= {IMAGE_GAP} points", [b for b in HEADLINE if gaps[b] >= IMAGE_GAP])
 
+    def law(variant, b):  # the fitted power law's alpha and R^2 in log space (nan: not fitted)
+        fit = all_fits.get((variant, b))
+        return (float(fit["alpha"]), float(fit["r2_log"]) if fit["r2_log"] else float("nan")) if fit else (float("nan"),) * 2
+
+    def curve(variant, b):
+        alpha, r2 = law(variant, b)
+        return " ".join(f"{score[(variant, b, n)]:.1f}" for n in nl) + f" | alpha {alpha:.3f}, R^2 {r2:.2f}"
+
     print("finding 1, VQQ against n_l: power-law alpha, R^2 (log space)")
     rising = []
     for b in HEADLINE:
-        fit = fits.get(b)
-        alpha, r2 = (float(fit["alpha"]), float(fit["r2_log"]) if fit["r2_log"] else float("nan")) if fit else (float("nan"),) * 2
-        print(f"  {b} {HEADLINE[b]}: " + " ".join(f"{score[('VQQ', b, n)]:.1f}" for n in nl)
-              + f" | alpha {alpha:.3f}, R^2 {r2:.2f}")
+        alpha, r2 = law("VQQ", b)
+        print(f"  {b} {HEADLINE[b]}: {curve('VQQ', b)}")
         if alpha < 0 and r2 >= ALPHA_R2:
             rising.append(b)
     judge(f"target: alpha < 0 and R^2 >= {ALPHA_R2}", rising)
@@ -70,6 +79,17 @@ def main(folder, nl):
         print(f"  {b} {HEADLINE[b]}: " + ", ".join(f"n_l {n}: {d:+.1f}" for n, d in zip(few, ahead[b])))
     judge(f"target: >= {DIFFERENCE} points at every n_l <= {FEW_TOKENS}",
           [b for b in HEADLINE if min(ahead[b]) >= DIFFERENCE])
+
+    blind = [v for v in ("pool", "resampler") if (v, next(iter(HEADLINE)), largest) in score]
+    if blind:
+        print(f"compressors at equal n_l (no target): the fused model (VQQ) and the question-blind {', '.join(blind)}")
+        for b in HEADLINE:
+            for variant in ["VQQ"] + blind:
+                print(f"  {b} {HEADLINE[b]} {variant}: {curve(variant, b)}")
+            for variant in blind:
+                print(f"  {b} {HEADLINE[b]} VQQ - {variant}: "
+                      + ", ".join(f"n_l {n}: {score[('VQQ', b, n)] - score[(variant, b, n)]:+.1f}" for n in nl))
+        print()
     print(f"{sum(verdicts)} of {len(verdicts)} targets met")
 
 
