@@ -7,8 +7,6 @@ The tiny ViT: 28 px crops of 7 px patches, 4 x 4 patches -> a 2 x 2 merged grid 
 """
 import dataclasses
 import math
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import evaluate as ev
 from fusion import collate
 from model import FusedVLM, FusedVLMConfig, LlamaConfig, ViTConfig, load_checkpoint, train_flops
 from test_flops import counted_step, make_batch
+from test_train import run  # train_gen.py / train_align.py in this process, as the command line runs them
 from training import config_diff
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,12 +222,6 @@ TINY = ["--num_crops=1", "--batch_size=2", "--grad_accum=1", "--max_iters=2", "-
 def argv(world, out_dir, *extra):
     return [str(ROOT / "config" / "tiny.py"), f"--data_dir={world}", f"--clip_path={world}/clip",
             f"--llama_path={world}/llama", f"--out_dir={out_dir}", *TINY, *extra]
-
-
-def run(script, monkeypatch, args):
-    monkeypatch.setattr(sys, "argv", [script] + args)
-    monkeypatch.chdir(ROOT)
-    return runpy.run_path(str(ROOT / script), run_name="__main__")
 
 
 @pytest.fixture(scope="module")
