@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's whole protocol in miniature, on CPU (1416 s on 2 cores for the committed run), on the synthetic grid world
+# The paper's whole protocol in miniature, on CPU (1694 s on 2 cores for the committed run), on the synthetic grid world
 # (data/synthetic/prepare.py), each stage checked before the next one runs:
 #   data -> stage 0: pre-train the tiny LLM to answer from the scene written in words (frozen afterwards, as Llama-2
 #           in the paper) and the tiny CLIP on images and their scenes in words
