@@ -463,6 +463,18 @@ class VisionTower(nn.Module):
         return torch.cat([x, self.separator.to(x.dtype).expand(K, 1, D)], dim=1)
 
 
+def vision_layout(crop_to_sample, B, V):
+    """Where every vision token goes when each sample's crops are laid side by side: -> crops (B,) per sample, and
+    rows, cols (K * V,) of crop k's token v in a (B, max crops * V) grid, sample b's tokens from column 0 on."""
+    K = len(crop_to_sample)
+    crops = torch.bincount(crop_to_sample, minlength=B)
+    first_crop = torch.cumsum(crops, 0) - crops
+    crop_rank = torch.arange(K, device=crops.device) - first_crop[crop_to_sample]  # crop's index in its sample
+    rows = crop_to_sample.repeat_interleave(V)
+    cols = (crop_rank[:, None] * V + torch.arange(V, device=crops.device)).reshape(-1)
+    return crops, rows, cols
+
+
 class FusedModel(nn.Module):
     """A Llama-architecture decoder over [vision tokens of all crops][Q1][n_l-1 queries][EOS][Q2]...; its
     outputs at the query and EOS positions are the fused vision tokens. Causal over the whole sequence, so
@@ -484,18 +496,14 @@ class FusedModel(nn.Module):
     def forward(self, vision_tokens, crop_to_sample, fused_ids, query_mask, output_mask):
         """vision_tokens (K, V, D), crop_to_sample (K,), fused_ids/query_mask/output_mask (B, Lq) -> (N_out, D),
         the outputs at output_mask in row-major order (sample by sample, left to right)."""
-        K, V, D = vision_tokens.shape
+        _, V, D = vision_tokens.shape
         B, Lq = fused_ids.shape
         text = self.embed_tokens(torch.where(query_mask, 0, fused_ids))
         text = text.masked_scatter(query_mask[..., None], self.queries[fused_ids[query_mask]].to(text.dtype))
         # Sample b's sequence is [its crops' tokens][its Lq fused tokens], right-padded to a common length.
         # Real tokens start at 0 and are contiguous, so causal attention alone never sees the padding.
-        crops = torch.bincount(crop_to_sample, minlength=B)  # (B,)
+        crops, rows, cols = vision_layout(crop_to_sample, B, V)
         n_vision = crops * V
-        first_crop = torch.cumsum(crops, 0) - crops
-        crop_rank = torch.arange(K, device=crops.device) - first_crop[crop_to_sample]  # crop's index in its sample
-        rows = crop_to_sample.repeat_interleave(V)
-        cols = (crop_rank[:, None] * V + torch.arange(V, device=crops.device)).reshape(-1)
         text_cols = n_vision[:, None] + torch.arange(Lq, device=crops.device)  # (B, Lq)
         T = int(n_vision.max()) + Lq
         x = vision_tokens.new_zeros(B, T, D)
@@ -608,15 +616,12 @@ class Resampler(nn.Module):
 
     def forward(self, vision_tokens, crop_to_sample, fused_ids, query_mask, output_mask):  # -> (N_out, D), slot order
         grids = vision_tokens[:, :-1]  # (K, g*g, D), the separator dropped
-        K, V, D = grids.shape
+        _, V, D = grids.shape
         B = len(fused_ids)
         g = math.isqrt(V)
         # sample b's views side by side, padded to the most views of the batch (as FusedModel lays them out)
-        crops = torch.bincount(crop_to_sample, minlength=B)
-        crop_rank = torch.arange(K, device=crops.device) - (torch.cumsum(crops, 0) - crops)[crop_to_sample]
-        vision = grids.new_zeros(B, int(crops.max()) * V, D)
-        cols = (crop_rank[:, None] * V + torch.arange(V, device=crops.device)).reshape(-1)
-        vision = vision.index_put((crop_to_sample.repeat_interleave(V), cols), grids.reshape(-1, D))
+        crops, rows, cols = vision_layout(crop_to_sample, B, V)
+        vision = grids.new_zeros(B, int(crops.max()) * V, D).index_put((rows, cols), grids.reshape(-1, D))
         cell = torch.arange(vision.shape[1], device=crops.device) % V
         vision_pos = sincos_2d(cell // g, cell % g, D).to(vision.dtype)  # (Tv, D), the same for every sample
         mask = (torch.arange(vision.shape[1], device=crops.device) < crops[:, None] * V)[:, None, None, :]

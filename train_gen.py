@@ -205,10 +205,10 @@ elif cfg.init_from:
     # (every stage-1 one is fused) gives only its vision tower
     swapped = theirs != cfg.compressor
     fresh = ("bridge.", "fused.") if swapped else ("bridge.",) if stage1 else ()
-    # what the trained parts were built for must match; a stage-1 checkpoint knows no LLM
-    ignore = ("text", "bridge_init_std") + (("llm",) if stage1 else ())
-    if swapped:
-        ignore = [k for k in asdict(model_cfg) if k != "vit"]
+    # what the trained parts were built for must match: the vision tower alone after a swap; a stage-1 checkpoint
+    # knows no LLM
+    ignore = ([k for k in asdict(model_cfg) if k != "vit"] if swapped
+              else ("text", "bridge_init_std") + (("llm",) if stage1 else ()))
     diff = config_diff(meta.get("model_config", {}), model_cfg, ignore=ignore)
     if diff:
         sys.exit(f"init_from {cfg.init_from}: its model differs from this config's (checkpoint, now): {diff}")

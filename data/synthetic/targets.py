@@ -37,9 +37,8 @@ def main(folder, nl):
         score = {(r["variant"], r["benchmark"], int(r["n_l"])): float(r["score"]) for r in csv.DictReader(f)
                  if HEADLINE.get(r["benchmark"]) == r["metric"]}
     with open(os.path.join(folder, "fits.csv"), newline="") as f:
-        all_fits = {(r["variant"], r["benchmark"]): r for r in csv.DictReader(f)
-                    if r["form"] == "power" and HEADLINE.get(r["benchmark"]) == r["metric"]}
-    fits = {b: fit for (variant, b), fit in all_fits.items() if variant == "VQQ"}
+        fits = {(r["variant"], r["benchmark"]): r for r in csv.DictReader(f)
+                if r["form"] == "power" and HEADLINE.get(r["benchmark"]) == r["metric"]}
     largest = max(nl)
     verdicts = []
 
@@ -56,7 +55,7 @@ def main(folder, nl):
     judge(f"target: VQQ beats VQQ-shuffled by >= {IMAGE_GAP} points", [b for b in HEADLINE if gaps[b] >= IMAGE_GAP])
 
     def law(variant, b):  # the fitted power law's alpha and R^2 in log space (nan: not fitted)
-        fit = all_fits.get((variant, b))
+        fit = fits.get((variant, b))
         return (float(fit["alpha"]), float(fit["r2_log"]) if fit["r2_log"] else float("nan")) if fit else (float("nan"),) * 2
 
     def curve(variant, b):
