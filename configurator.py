@@ -7,10 +7,14 @@ Each script declares one @dataclass of defaults. A `.py` file argument is run an
 override fields; then each `--key=value` overrides one field. The type of the default is enforced and
 unknown keys are an error, so a typo never silently trains the wrong model. Other bare arguments are
 handed back to the script (scaling_fit.py takes CSV paths that way).
+
+A field may be unset: declared `n_l: int | None = None`, it takes an int or None (`--n_l=None`), the type its
+annotation names being enforced as a default's is.
 """
 import ast
 import dataclasses
 import runpy
+import typing
 
 
 def _coerce(key, value, default):
@@ -36,8 +40,7 @@ def _coerce(key, value, default):
 
 def parse_config(config, argv):
     """Returns (config with overrides applied, list of positional arguments)."""
-    if isinstance(config, type):
-        config = config()
+    hints = typing.get_type_hints(type(config))
     fields = {f.name for f in dataclasses.fields(config)}
     overrides, positional = {}, []
     for arg in argv:
@@ -59,7 +62,11 @@ def parse_config(config, argv):
     for key, value in overrides.items():
         if key not in fields:
             raise ValueError(f"unknown config key {key!r}; known: {', '.join(sorted(fields))}")
-        setattr(config, key, _coerce(key, value, getattr(config, key)))
-    if hasattr(config, "__post_init__"):
-        config.__post_init__()
+        kinds = typing.get_args(hints[key])
+        if type(None) in kinds:  # `kind | None`: None unsets it, anything else must be a kind
+            kind = next(t for t in kinds if t is not type(None))
+            value = None if value is None or value == "None" else _coerce(key, value, kind())
+        else:
+            value = _coerce(key, value, getattr(config, key))
+        setattr(config, key, value)
     return config, positional
