@@ -60,11 +60,11 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
+from backbones import CLIPText, Llama, LlamaConfig, ViT, ViTConfig
+from checkpoint import checkpoint_file, inference_vlm, read_gen_checkpoint
 from configurator import parse_config
-from evaluate import build_vlm, read_checkpoint
-import fusion
-from model import (CLIPText, FusedVLM, FusedVLMConfig, Llama, LlamaConfig, ViT, ViTConfig, checkpoint_file, peak_flops,
-                   train_flops)
+from fusion import IGNORE, SLOT_ID, TokenSpace, TokenSpaceConfig
+from model import FusedVLM, FusedVLMConfig, compressor_blocks, peak_flops, train_flops
 from training import StepLog, answer_loss_step, configure_optimizer, wrap_blocks
 
 TRAIN_WARMUP = 3  # train steps not timed (allocator warm-up, compilation)
@@ -241,9 +241,38 @@ def small_vlm_config(compressor):
                           compressor=compressor)
 
 
-def synthetic_batch(cfg, n_l, crops, batch_size, device, pixels=True, **lengths):
-    batch = fusion.synthetic_batch(batch_size, crops, cfg.vit.image_size, n_l, cfg.fused_vocab_size, cfg.llm.vocab_size,
-                                   seed=n_l * 100 + crops, pixels=pixels, **lengths)
+def synthetic_batch(batch_size, crops, image_size, n_l, clip_vocab_size, llama_vocab_size, question_len=16,
+                    prefix_len=40, answer_len=32, seed=0, pixels=True):
+    """A collated training batch of given shapes with random content, for benchmarks: every sample has `crops`
+    crops and one question with n_l outputs, then a prefix_len-token prompt, the slots, the question and an answer.
+    pixels=False leaves pixel_values on the meta device (enough for FLOP counting, which reads only shapes)."""
+    B, eos = batch_size, clip_vocab_size - 1
+    g = torch.Generator().manual_seed(seed)
+    question = torch.randint(1, eos, (B, question_len), generator=g)
+    queries = torch.arange(n_l - 1).expand(B, -1)  # rows of the query table
+    fused_ids = torch.cat([question, queries, torch.full((B, 1), eos)], dim=1)
+    query_mask = torch.cat([torch.zeros(B, question_len), torch.ones(B, n_l - 1), torch.zeros(B, 1)], dim=1).bool()
+    output_mask = torch.cat([torch.zeros(B, question_len), torch.ones(B, n_l)], dim=1).bool()
+    prefix = torch.randint(3, llama_vocab_size, (B, prefix_len), generator=g)
+    prefix[:, 0] = 1  # Llama's <s>; ids 0-2 (<unk>, <s>, </s>) are never drawn
+    answer = torch.cat([torch.randint(3, llama_vocab_size, (B, answer_len), generator=g), torch.full((B, 1), 2)], dim=1)
+    input_ids = torch.cat([prefix, torch.full((B, n_l), SLOT_ID), question % llama_vocab_size, answer], dim=1)
+    slot_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    slot_mask[:, prefix_len:prefix_len + n_l] = True
+    labels = torch.full_like(input_ids, IGNORE)
+    labels[:, -answer.shape[1]:] = answer
+    pixel_shape = (B * crops, 3, image_size, image_size)
+    return dict(pixel_values=torch.randn(pixel_shape, generator=g) if pixels else torch.empty(pixel_shape, device="meta"),
+                crop_to_sample=torch.arange(B).repeat_interleave(crops), fused_ids=fused_ids, query_mask=query_mask,
+                output_mask=output_mask, fused_real_mask=torch.ones_like(fused_ids, dtype=torch.bool),
+                input_ids=input_ids, slot_mask=slot_mask, labels=labels,
+                attention_mask=torch.ones_like(input_ids, dtype=torch.bool))
+
+
+def batch_for(cfg, n_l, crops, batch_size, device, pixels=True, **lengths):
+    """synthetic_batch for the model of config cfg, seeded by its shape."""
+    batch = synthetic_batch(batch_size, crops, cfg.vit.image_size, n_l, cfg.fused_vocab_size, cfg.llm.vocab_size,
+                            seed=n_l * 100 + crops, pixels=pixels, **lengths)
     return {k: v.to(device) for k, v in batch.items()} if pixels else batch
 
 
@@ -282,7 +311,7 @@ def peak_memory_of_step(cfg, n_l, crops):
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     vlm = FusedVLM(small_vlm_config(cfg.compressor)).to(device)
-    batch = synthetic_batch(vlm.cfg, n_l, crops, cfg.tokens_batch_size, device)
+    batch = batch_for(vlm.cfg, n_l, crops, cfg.tokens_batch_size, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -302,7 +331,7 @@ def paper_flops(n_l, compressor, crops=13):
     sizes with the given compressor."""
     with torch.device("meta"):
         vlm = FusedVLM(FusedVLMConfig(compressor=compressor))
-    batch = synthetic_batch(vlm.cfg, n_l, crops, 1, "cpu", pixels=False, question_len=20, prefix_len=60, answer_len=40)
+    batch = batch_for(vlm.cfg, n_l, crops, 1, "cpu", pixels=False, question_len=20, prefix_len=60, answer_len=40)
     return flops_by_part(vlm, batch)
 
 
@@ -318,12 +347,12 @@ def flops_by_part(vlm, batch):
 def bench_tokens(cfg, device):
     torch.manual_seed(cfg.seed)
     vlm = FusedVLM(small_vlm_config(cfg.compressor)).to(device).train()
-    print(f"small FusedVLM: vit {vlm.cfg.vit}\n  llm {vlm.cfg.llm}\n  compressor {cfg.compressor}, {len(vlm.fused.layers)} layers, "
+    print(f"small FusedVLM: vit {vlm.cfg.vit}\n  llm {vlm.cfg.llm}\n  compressor {cfg.compressor}, {len(compressor_blocks(vlm.compressor))} layers, "
           f"{vlm.vision.tokens_per_crop()} vision tokens per crop; batch {cfg.tokens_batch_size} samples")
     n_ls, crop_counts = [int(n) for n in cfg.n_l.split(",")], [int(k) for k in cfg.crops.split(",")]
     points = [(n, cfg.crops_at) for n in n_ls] + [(cfg.n_l_at, k) for k in crop_counts]
     points = list(dict.fromkeys(points))  # (n_l_at, crops_at) may appear in both sweeps
-    batches = {p: synthetic_batch(vlm.cfg, *p, cfg.tokens_batch_size, device) for p in points}
+    batches = {p: batch_for(vlm.cfg, *p, cfg.tokens_batch_size, device) for p in points}
 
     rows = {}
     for p, batch in batches.items():
@@ -401,11 +430,11 @@ def generation_model(cfg, device, dtype):
     """-> (FusedVLM in eval mode, n_l, num_crops, what it is): the checkpoint's, or the paper's with random weights."""
     if cfg.ckpt:
         path = checkpoint_file(cfg.ckpt)
-        weights, meta = read_checkpoint(path)
+        weights, meta = read_gen_checkpoint(path)
         model_cfg = FusedVLMConfig.from_dict(meta["model_config"])
         llm = Llama.from_hf(cfg.llama_path or meta["llama_path"], dtype=dtype).to(device)
         trained = meta["token_space"]
-        return build_vlm(model_cfg, weights, llm, path, device, dtype), trained["n_l"], trained["num_crops"], path
+        return inference_vlm(model_cfg, weights, llm, path, device, dtype), trained["n_l"], trained["num_crops"], path
     if device.type == "cpu":
         sys.exit("--mode=generate without --ckpt builds the paper-size model (a 7B LLM): run it with --device=cuda, "
                  "or give a (tiny) checkpoint")
@@ -420,7 +449,7 @@ def bench_generate(cfg, device):
     n_l = cfg.gen_n_l or n_l
     num_crops = num_crops if cfg.gen_num_crops < 0 else cfg.gen_num_crops
     # the prompt ends with [/INST]: 3 random "answer" tokens + the </s> synthetic_batch closes with stand in for it
-    batch = fusion.synthetic_batch(cfg.gen_batch_size, 1 + num_crops, vlm.cfg.vit.image_size, n_l,
+    batch = synthetic_batch(cfg.gen_batch_size, 1 + num_crops, vlm.cfg.vit.image_size, n_l,
                                    vlm.cfg.fused_vocab_size, vlm.cfg.llm.vocab_size, question_len=cfg.gen_question_len,
                                    prefix_len=TEMPLATE_TOKENS, answer_len=3, seed=cfg.seed)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -460,7 +489,7 @@ def bench_train(cfg, device):
         sys.exit(f"--mode=train runs as train_gen.py: dtype bfloat16 or float32, got {dtype!r}")
     bf16 = device.type == "cuda" and dtype == "bfloat16"
     autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
-    token_space = fusion.TokenSpace(fusion.TokenSpaceConfig(
+    token_space = TokenSpace(TokenSpaceConfig(
         clip_path=cfg.train_clip_path, llama_path=cfg.train_llama_path, image_size=cfg.train_image_size,
         num_crops=cfg.train_num_crops, n_l=cfg.train_n_l))
     torch.manual_seed(cfg.seed)
@@ -470,14 +499,14 @@ def bench_train(cfg, device):
                                   fused_heads=cfg.train_fused_heads, fused_mlp=cfg.train_fused_mlp,
                                   fused_vocab_size=len(token_space.clip), compressor=cfg.compressor), llm=llm)
     vlm.vision.vit = vit
-    wrap_blocks([*vit.layers, *vlm.fused.layers], cfg.train_activation_checkpointing, cfg.train_compile)
+    wrap_blocks(vlm.blocks(), cfg.train_activation_checkpointing, cfg.train_compile)
     vlm.to(device).train()
     if cfg.train_compile:
         wrap_blocks(llm.layers, activation_checkpointing=False, compile=True)
     trainable = [p for p in vlm.parameters() if p.requires_grad]
     lr = 2e-5  # train_gen.py's defaults; their values do not change the step's cost
     optimizer = configure_optimizer(vlm, lr, 0.0, (0.9, 0.999), device.type)
-    batch = fusion.synthetic_batch(cfg.train_batch_size, 1 + cfg.train_num_crops, cfg.train_image_size, cfg.train_n_l,
+    batch = synthetic_batch(cfg.train_batch_size, 1 + cfg.train_num_crops, cfg.train_image_size, cfg.train_n_l,
                                    len(token_space.clip), token_space.sp.get_piece_size(), seed=cfg.seed)
     print(f"train: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, "
           f"{sum(p.numel() for p in llm.parameters()) / 1e6:.2f}M frozen in the LLM; {cfg.train_grad_accum} x "

@@ -10,9 +10,10 @@ Their parameters -> ours (prefixes V = imgque_backbone.clip_model.vision_model.,
     V pos_layrnorm (their new LN, not CLIP's post-LN)   -> vision.norm
     V vision_embed_merge (3x3 stride-2 conv, no bias)   -> vision.merge
     V token_LF (1, 1, D)                                -> vision.separator (D,)
-    F layers.*, norm                                    -> fused.layers.*, fused.norm
-    F embed_tokens rows of the base CLIP vocabulary     -> fused.embed_tokens  (fused_vocab_size = base CLIP vocabulary)
-    F embed_tokens row of <|placeholder_qed_j|>         -> fused.queries[j]    (the learned queries; n_queries = how
+    F layers.*, norm                                    -> compressor.layers.*, compressor.norm
+    F embed_tokens rows of the base CLIP vocabulary     -> compressor.embed_tokens  (fused_vocab_size = base CLIP
+                                                           vocabulary)
+    F embed_tokens row of <|placeholder_qed_j|>         -> compressor.queries[j]  (the learned queries; n_queries = how
                                                            many placeholders clip/ holds, which can exceed n_l - 1)
     fusion_backbone.imgque_proj                         -> bridge
     llm_backbone.*                                      -> OUR_DIR/llama, a plain HF LlamaForCausalLM folder (their
@@ -38,7 +39,9 @@ from safetensors.torch import save_file
 
 from configurator import parse_config
 from fusion import DEFAULT_SYSTEM_PROMPT
-from model import FusedVLM, FusedVLMConfig, LlamaConfig, ViTConfig, weight_files, save_checkpoint
+from backbones import LlamaConfig, ViTConfig, weight_files
+from checkpoint import save_checkpoint
+from model import FusedVLM, FusedVLMConfig
 
 
 @dataclass
@@ -72,10 +75,10 @@ def their_key(ours):
         k = ours[len("vision."):]
         return VISION + {"norm.weight": "pos_layrnorm.weight", "norm.bias": "pos_layrnorm.bias",
                          "merge.weight": "vision_embed_merge.weight", "separator": "token_LF"}[k]
-    if ours in ("fused.embed_tokens.weight", "fused.queries"):
+    if ours in ("compressor.embed_tokens.weight", "compressor.queries"):
         return EMBED
-    if ours.startswith("fused."):
-        return FUSED + hf_llama_block_key(ours[len("fused."):])
+    if ours.startswith("compressor."):
+        return FUSED + hf_llama_block_key(ours[len("compressor."):])
     if ours == "bridge.weight":
         return BRIDGE
     raise KeyError(f"no rule maps our parameter {ours} to the authors' checkpoint")
@@ -210,9 +213,9 @@ def our_tensors(files, expected, base_vocab, placeholders, other_added):
         unused.append(f"{EMBED} rows {spare[0]}..{spare[-1]} ({len(spare)} rows with no token in clip/)")
     tensors = {}
     for ours, shape in expected.items():
-        if ours == "fused.embed_tokens.weight":
+        if ours == "compressor.embed_tokens.weight":
             t = embed[:base_vocab]
-        elif ours == "fused.queries":
+        elif ours == "compressor.queries":
             t = embed[torch.tensor(placeholders, dtype=torch.long)].reshape(len(placeholders), embed.shape[1])
         elif ours == "vision.separator":
             t = their_tensor(their_key(ours)).reshape(-1)  # (1, 1, D) -> (D,)

@@ -49,7 +49,9 @@ import torch.nn.functional as F
 
 from configurator import parse_config
 from fusion import TokenSpace, TokenSpaceConfig, collate, load_image
-from model import FusedVLM, FusedVLMConfig, Llama, load_checkpoint
+from backbones import Llama
+from checkpoint import load_checkpoint, trained_vlm, trained_weights
+from model import FusedVLMConfig
 
 
 @dataclass
@@ -330,8 +332,7 @@ def vision_mode(cfg):
 
     dtype = getattr(torch, cfg.dtype)
     try:
-        vlm = FusedVLM.from_pretrained(model_cfg, {k[len("model."):]: v for k, v in tensors.items()},
-                                       Llama.from_hf(llama_path, dtype=dtype), cfg.ckpt)
+        vlm = trained_vlm(model_cfg, trained_weights(tensors), Llama.from_hf(llama_path, dtype=dtype), cfg.ckpt)
     except ValueError as e:  # an LLM that is not the one the checkpoint was trained with
         raise BadInput(str(e)) from None
     vlm = vlm.to(device=cfg.device, dtype=dtype).eval()

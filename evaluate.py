@@ -35,7 +35,6 @@ exactly as one process makes it, so the answers are the same); each rank appends
 and rank 0 merges those into the predictions file (also the leftovers of an interrupted run) and scores.
 """
 import dataclasses
-import glob
 import json
 import os
 import random
@@ -44,14 +43,16 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 
-from benchmarks import (already_scored, append_results, benchmark_spec, check_indices, limit_rows, load_benchmark,
-                        print_table, read_prediction_records, read_predictions, row_results, score,
-                        write_predictions)
+from backbones import Llama
+from benchmarks import benchmark_spec, check_indices, limit_rows, load_benchmark, score
+from checkpoint import checkpoint_file, inference_vlm, read_gen_checkpoint
 from configurator import parse_config
 from fusion import TokenSpace, TokenSpaceConfig, collate
-from model import FusedVLM, FusedVLMConfig, Llama, checkpoint_file, load_checkpoint
+from model import FusedVLMConfig
+from predictions import (already_scored, append_results, claim_run_dir, merge_predictions, print_table,
+                         read_prediction_records, read_predictions)
+from training import Run
 
 # -----------------------------------------------------------------------------
 # config
@@ -67,11 +68,11 @@ class Config:
     out_dir: str = "out-eval"   # results.csv, and one predictions folder per checkpoint
     variant: str = ""           # the results label; default VQQ, VQ or VQ-ft (see above); score_only: "model"
     limit: int = 0              # > 0: a fixed subset of this many rows per benchmark (not the paper's number)
-    # token space; 0, -1 or "" = as the checkpoint was trained (score_only: n_l and n_s are only labels)
-    n_l: int = 0
-    n_s: int = 0                # a label when running: every benchmark question is a first question (n_l)
-    num_crops: int = -1
-    drop_question: str = ""     # "True": the VQ ablation (the fused model does not see the question), or "False"
+    # token space; None = as the checkpoint was trained (score_only: n_l and n_s are only labels)
+    n_l: int | None = None
+    n_s: int | None = None      # a label when running: every benchmark question is a first question (n_l)
+    num_crops: int | None = None
+    drop_question: bool | None = None  # True: the VQ ablation (the fused model does not see the question)
     image_ablation: str = ""    # "shuffle": every row is shown another row's image (does the model read it?)
     llama_path: str = ""        # "" = the checkpoint's (set it when the weights have moved)
     clip_path: str = ""
@@ -98,42 +99,21 @@ def torch_dtype(cfg, device):
     return getattr(torch, dtype)
 
 
-def read_checkpoint(path):
-    """-> (trained weights {module name: tensor}, meta) of a stage-2/3 checkpoint."""
-    tensors, meta = load_checkpoint(path, prefix="model.")
-    if meta.get("stage") != "gen":
-        raise SystemExit(f"{path}: a stage {meta.get('stage')!r} checkpoint; evaluate.py runs stage-2/3 ('gen') "
-                         f"checkpoints of train_gen.py (a stage-1 'align' checkpoint has no bridge into the LLM)")
-    missing = [key for key in ("model_config", "clip_path", "llama_path", "token_space") if key not in meta]
-    if missing:
-        raise SystemExit(f"{path}: its meta lacks {missing}, which the checkpoint schema requires")
-    return {k[len("model."):]: v for k, v in tensors.items()}, meta
-
-
-def build_vlm(model_cfg, weights, llm, path, device, dtype):
-    try:
-        vlm = FusedVLM.from_pretrained(model_cfg, weights, llm, path)
-    except ValueError as e:  # an LLM that is not the one the checkpoint was trained with
-        raise SystemExit(str(e)) from None
-    return vlm.to(device=device, dtype=dtype).eval()
-
-
 def run_settings(cfg, meta, model_cfg, path):
     """-> (TokenSpaceConfig, variant): the checkpoint's token space with the command line's overrides."""
     trained = meta["token_space"]
-    if cfg.drop_question not in ("", "True", "False"):
-        raise SystemExit(f"drop_question must be True, False or empty (as trained), got {cfg.drop_question!r}")
-    drop_question = trained["drop_question"] if cfg.drop_question == "" else cfg.drop_question == "True"
+    drop_question = trained["drop_question"] if cfg.drop_question is None else cfg.drop_question
     if drop_question and model_cfg.compressor != "fused":
         raise SystemExit(f"{path}: drop_question=True is the fused model's VQ ablation; this checkpoint's "
                          f"compressor={model_cfg.compressor} never reads the question")
     ts_cfg = TokenSpaceConfig(clip_path=cfg.clip_path or meta["clip_path"],
                               llama_path=cfg.llama_path or meta["llama_path"], image_size=trained["image_size"],
-                              num_crops=trained["num_crops"] if cfg.num_crops < 0 else cfg.num_crops,
-                              n_l=cfg.n_l or trained["n_l"], n_s=cfg.n_s or trained["n_s"],
+                              num_crops=trained["num_crops"] if cfg.num_crops is None else cfg.num_crops,
+                              n_l=trained["n_l"] if cfg.n_l is None else cfg.n_l,
+                              n_s=trained["n_s"] if cfg.n_s is None else cfg.n_s,
                               drop_question=drop_question, max_seq_len=trained["max_seq_len"],
                               system_prompt=trained["system_prompt"],
-                              chat_template=trained.get("chat_template", "llama-2"))  # older checkpoints: llama-2
+                              chat_template=trained["chat_template"])
     if ts_cfg.n_l - 1 > model_cfg.n_queries:
         raise SystemExit(f"{path}: n_l={ts_cfg.n_l} needs {ts_cfg.n_l - 1} learned queries, the checkpoint has "
                          f"{model_cfg.n_queries}")
@@ -144,24 +124,6 @@ def run_settings(cfg, meta, model_cfg, path):
         raise SystemExit(f"{path} was trained with drop_question=True and runs with the question: name this "
                          f"combination with --variant")
     return ts_cfg, variant
-
-
-def claim_run_dir(run_dir, settings):
-    """run.json records what the predictions in run_dir were made with; resuming them with other settings (another
-    checkpoint, token space, dtype...) would mix two models in one file, so it is refused."""
-    path = os.path.join(run_dir, "run.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f)
-        if before != settings:
-            changed = {k: (before.get(k), settings.get(k)) for k in settings.keys() | before.keys()
-                       if before.get(k) != settings.get(k)}
-            raise SystemExit(f"{path}: the predictions there were made with other settings (then, now): {changed}; "
-                             f"use another out_dir or --variant")
-        return
-    os.makedirs(run_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=1)
 
 
 def shuffle_images(rows):
@@ -175,49 +137,6 @@ def shuffle_images(rows):
     random.Random(0).shuffle(images)
     shown = {image: list(images[(k + 1) % len(images)]) for k, image in enumerate(images)}
     return [dataclasses.replace(row, images_b64=shown[tuple(row.images_b64)]) for row in rows]
-
-
-def cut_incomplete_line(path):
-    """A process killed mid-write leaves a last line without its newline: cut it off (it is generated again)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        print(f"{path}: cutting off an incomplete last line ({len(data) - end} bytes) left by an interrupted run")
-        with open(path, "r+b") as f:
-            f.truncate(end)
-
-
-def merge_predictions(path, name, rows, kind):
-    """Rank 0: the predictions file plus every rank's part file (of this run, or left by an interrupted one) ->
-    the predictions file, in the TSV's row order with each row's extracted answer and score; the part files are
-    removed. Returns {index: prediction}."""
-    parts = sorted(glob.glob(glob.escape(path) + ".rank*"))
-    known, records = {row.index for row in rows}, {}
-    for file in ([path] if os.path.exists(path) else []) + parts:
-        cut_incomplete_line(file)
-        found = read_prediction_records(file, allow_empty=True)
-        unknown = [index for index in found if index not in known]
-        if unknown:
-            raise SystemExit(f"{file}: predictions for indices that {rows[0].source} does not have, e.g. "
-                             f"{unknown[:5]}; it was made from another file: remove it or use another out_dir")
-        twice = [index for index in found if index in records]
-        if twice:  # a merge interrupted between writing the predictions file and removing the parts
-            print(f"{file}: {len(twice)} rows already in {path}, kept from there")
-        records.update({index: record for index, record in found.items() if index not in records})
-    if not records:
-        return {}
-    predictions = {index: record["prediction"] for index, record in records.items()}
-    per_row = row_results(name, rows, predictions, kind)
-    ordered = []
-    for row in rows:
-        if row.index in records:
-            record = {k: v for k, v in records[row.index].items() if k not in ("extracted", "score")}
-            ordered.append({**record, **per_row[row.index]})
-    write_predictions(path, ordered)
-    for file in parts:
-        os.remove(file)
-    return predictions
 
 
 def predict(vlm, token_space, todo, part_path, max_new_tokens, cfg, device, dtype, tag, rank, world_size):
@@ -250,11 +169,6 @@ def predict(vlm, token_space, todo, part_path, max_new_tokens, cfg, device, dtyp
     return mine
 
 
-def barrier(world_size):
-    if world_size > 1:
-        dist.barrier()
-
-
 def benchmark_files(cfg, names):
     """{name: TSV path}, after checking that every name is a benchmark (built in, or --kind given)."""
     try:
@@ -277,7 +191,8 @@ def load_rows(cfg, name, tsv):
     return rows, limit_rows(name, rows, cfg.limit, cfg.kind)
 
 
-def evaluate_checkpoints(cfg, device, rank, world_size):
+def evaluate_checkpoints(cfg, run):
+    device, rank, world_size = run.device, run.rank, run.world_size
     dtype = torch_dtype(cfg, device)
     names, ckpts = [n for n in cfg.benchmarks.split(",") if n], [c for c in cfg.ckpt.split(",") if c]
     if not ckpts:
@@ -291,14 +206,14 @@ def evaluate_checkpoints(cfg, device, rank, world_size):
                          f"folder with ckpt.safetensors or the file)")
     results_path = os.path.join(cfg.out_dir, "results.csv")
     scored = already_scored(results_path)
-    log = print if rank == 0 else (lambda *args: None)
+    log = run.log
     log(f"{len(ckpts)} checkpoint(s) x {len(names)} benchmark(s) on {world_size} x {device.type} in {dtype}; "
         f"results -> {results_path}" + (f"; at most {cfg.limit} rows per benchmark (a fixed subset, whose "
                                          f"score is not the benchmark's)" if cfg.limit else ""))
     run_dirs, llm, llm_source, generated, t_start = {}, None, None, 0, time.time()
     for ckpt in ckpts:
         path = checkpoint_file(ckpt)
-        weights, meta = read_checkpoint(path)
+        weights, meta = read_gen_checkpoint(path)
         model_cfg = FusedVLMConfig.from_dict(meta["model_config"])
         ts_cfg, variant = run_settings(cfg, meta, model_cfg, path)
         variant += "-shuffled" if cfg.image_ablation == "shuffle" else ""
@@ -312,7 +227,7 @@ def evaluate_checkpoints(cfg, device, rank, world_size):
                                     "n_s": ts_cfg.n_s, "num_crops": ts_cfg.num_crops, "image_size": ts_cfg.image_size,
                                     "drop_question": ts_cfg.drop_question, "image_ablation": cfg.image_ablation,
                                     "jpeg_reencode": cfg.jpeg_reencode, "dtype": str(dtype).removeprefix("torch.")})
-        barrier(world_size)
+        run.barrier()
         tag = f"[{variant} n_l={ts_cfg.n_l}" + (f" rank {rank}/{world_size}]" if world_size > 1 else "]")
         vlm = token_space = None
         for name in names:
@@ -327,11 +242,11 @@ def evaluate_checkpoints(cfg, device, rank, world_size):
                     llm = None  # frees the previous one first
                     llm = Llama.from_hf(ts_cfg.llama_path, dtype=dtype).to(device)
                     llm_source = (ts_cfg.llama_path, model_cfg.llm)
-                vlm = build_vlm(model_cfg, weights, llm, path, device, dtype)
+                vlm = inference_vlm(model_cfg, weights, llm, path, device, dtype)
             predictions_path = os.path.join(run_dir, f"predictions_{name}.jsonl")
             if rank == 0:  # an interrupted run's predictions, and its ranks' leftovers, into one file first
                 merge_predictions(predictions_path, name, all_rows, cfg.kind)
-            barrier(world_size)
+            run.barrier()
             done = (read_prediction_records(predictions_path, allow_empty=True)  # empty: killed before a line
                     if os.path.exists(predictions_path) else {})
             todo = [row for row in rows if row.index not in done]
@@ -342,7 +257,7 @@ def evaluate_checkpoints(cfg, device, rank, world_size):
             part_path = predictions_path if world_size == 1 else f"{predictions_path}.rank{rank}"
             generated += predict(vlm, token_space, todo, part_path, benchmark_spec(name, cfg.kind).max_new_tokens,
                                  cfg, device, dtype, f"{tag} {name}", rank, world_size)
-            barrier(world_size)
+            run.barrier()
             if rank == 0:
                 predictions = merge_predictions(predictions_path, name, all_rows, cfg.kind)
                 predictions = {row.index: predictions[row.index] for row in rows}
@@ -367,8 +282,8 @@ def score_predictions_file(cfg):
     subset = {row.index for row in rows}  # with --limit, the predictions of the rows left out are not scored
     predictions = {index: p for index, p in predictions.items() if index in subset}
     scores = score(name, rows, predictions, source=cfg.predictions, kind=cfg.kind)
-    append_results(os.path.join(cfg.out_dir, "results.csv"), cfg.variant or "model", name, cfg.n_l, cfg.n_s,
-                   scores, cfg.ckpt, len(rows))
+    append_results(os.path.join(cfg.out_dir, "results.csv"), cfg.variant or "model", name, cfg.n_l or 0,
+                   cfg.n_s or 0, scores, cfg.ckpt, len(rows))  # unset labels written as 0
     print_table(name, scores, len(rows))
 
 
@@ -381,25 +296,11 @@ def main(argv):
         raise SystemExit(f"evaluate.py takes no positional arguments, got {positional}")
     if cfg.score_only:
         return score_predictions_file(cfg)
-    # DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process
-    ddp = "RANK" in os.environ
-    if ddp:
-        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if torch.cuda.is_available() and cfg.device in ("", "cuda"):
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            device = torch.device(cfg.device or "cpu")
-            dist.init_process_group("gloo")
-    else:
-        rank, world_size = 0, 1
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run = Run(cfg.device)
     try:
-        evaluate_checkpoints(cfg, device, rank, world_size)
+        evaluate_checkpoints(cfg, run)
     finally:
-        if ddp:
-            dist.destroy_process_group()
+        run.close(barrier=False)  # no barrier: a rank that stopped on an error would leave the others waiting
 
 
 if __name__ == "__main__":

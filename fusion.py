@@ -392,7 +392,7 @@ def write_jsonl(records, out):
     return n
 
 
-def image_size(path):
+def image_width_height(path):
     """(width, height) from the file's header, without decoding the pixels."""
     try:
         with Image.open(path) as img:
@@ -432,7 +432,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                     if not os.path.isfile(image_path):
                         raise BadSample("missing image", image_path)
                     if any(BOX_TAG.search(q) or BOX_TAG.search(a) for q, a in turns):  # the fit needs the mapped text
-                        turns = self.boxes_mapped(turns, image_size(image_path))
+                        turns = self.boxes_mapped(turns, image_width_height(image_path))
                 except BadSample as e:
                     self._bad(line_number, e)
                     continue
@@ -519,7 +519,7 @@ def collate(samples, pad_side="right"):
         "fused_ids": pad_stack([s["fused_ids"] for s in samples], 0),
         "query_mask": pad_stack([s["query_mask"] for s in samples], False),
         "output_mask": pad_stack([s["output_mask"] for s in samples], False),
-        "fused_attention_mask": pad_stack([torch.ones_like(s["query_mask"]) for s in samples], False),
+        "fused_real_mask": pad_stack([torch.ones_like(s["query_mask"]) for s in samples], False),  # not padding
         "input_ids": pad_stack([s["input_ids"] for s in samples], SLOT_ID, pad_side),
         "slot_mask": pad_stack([s["slot_mask"] for s in samples], False, pad_side),
         "labels": pad_stack([s["labels"] for s in samples], IGNORE, pad_side),
@@ -553,30 +553,3 @@ def step_batches(dataset, start_step, steps_per_epoch, batch_size, grad_accum, r
         for _ in range(cursor, steps_per_epoch):
             yield [next(batches) for _ in range(grad_accum)]
         step = (epoch + 1) * steps_per_epoch
-
-def synthetic_batch(batch_size, crops, image_size, n_l, clip_vocab_size, llama_vocab_size, question_len=16,
-                    prefix_len=40, answer_len=32, seed=0, pixels=True):
-    """A collated training batch of given shapes with random content, for benchmarks: every sample has `crops`
-    crops and one question with n_l outputs, then a prefix_len-token prompt, the slots, the question and an answer.
-    pixels=False leaves pixel_values on the meta device (enough for FLOP counting, which reads only shapes)."""
-    B, eos = batch_size, clip_vocab_size - 1
-    g = torch.Generator().manual_seed(seed)
-    question = torch.randint(1, eos, (B, question_len), generator=g)
-    queries = torch.arange(n_l - 1).expand(B, -1)  # rows of the query table
-    fused_ids = torch.cat([question, queries, torch.full((B, 1), eos)], dim=1)
-    query_mask = torch.cat([torch.zeros(B, question_len), torch.ones(B, n_l - 1), torch.zeros(B, 1)], dim=1).bool()
-    output_mask = torch.cat([torch.zeros(B, question_len), torch.ones(B, n_l)], dim=1).bool()
-    prefix = torch.randint(3, llama_vocab_size, (B, prefix_len), generator=g)
-    prefix[:, 0] = 1  # <s>
-    answer = torch.cat([torch.randint(3, llama_vocab_size, (B, answer_len), generator=g), torch.full((B, 1), 2)], dim=1)
-    input_ids = torch.cat([prefix, torch.full((B, n_l), SLOT_ID), question % llama_vocab_size, answer], dim=1)
-    slot_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    slot_mask[:, prefix_len:prefix_len + n_l] = True
-    labels = torch.full_like(input_ids, IGNORE)
-    labels[:, -answer.shape[1]:] = answer
-    pixel_shape = (B * crops, 3, image_size, image_size)
-    return dict(pixel_values=torch.randn(pixel_shape, generator=g) if pixels else torch.empty(pixel_shape, device="meta"),
-                crop_to_sample=torch.arange(B).repeat_interleave(crops), fused_ids=fused_ids, query_mask=query_mask,
-                output_mask=output_mask, fused_attention_mask=torch.ones_like(fused_ids, dtype=torch.bool),
-                input_ids=input_ids, slot_mask=slot_mask, labels=labels,
-                attention_mask=torch.ones_like(input_ids, dtype=torch.bool))

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from configurator import parse_config
-from model import FusedVLM, FusedVLMConfig, LlamaConfig, ViTConfig
+from backbones import LlamaConfig, ViTConfig
+from model import FusedVLM, FusedVLMConfig
 
 GiB = 2 ** 30
 LLMS = {"Llama-2-7B": LlamaConfig(dim=4096, layers=32, heads=32, kv_heads=32, mlp=11008),
@@ -50,12 +51,12 @@ def estimate(llm_cfg, vit_cfg, cfg):
     with torch.device("meta"):
         vlm = FusedVLM(FusedVLMConfig(vit=vit_cfg, llm=llm_cfg, fused_heads=vit_cfg.width // 64, fused_mlp=4 * vit_cfg.width))
     frozen, trainable = numel(vlm.llm), numel(vlm) - numel(vlm.llm)
-    units = [*vlm.llm.layers, vlm.llm.embed_tokens, *vlm.vision.vit.layers, *vlm.fused.layers]
+    units = [*vlm.llm.layers, vlm.llm.embed_tokens, *vlm.vision.vit.layers, *vlm.compressor.layers]
     gathered = 2 * 2 * max(numel(u) for u in units)  # two units at a time, bf16
     crop_tokens = (vit_cfg.image_size // vit_cfg.patch_size) ** 2 + 1
     fused_tokens = cfg.crops * vlm.vision.tokens_per_crop() + cfg.question_tokens + cfg.n_l
     B = cfg.batch_size
-    activations = (2 * vit_cfg.width * (B * cfg.crops * crop_tokens * vit_cfg.layers + B * fused_tokens * len(vlm.fused.layers))
+    activations = (2 * vit_cfg.width * (B * cfg.crops * crop_tokens * vit_cfg.layers + B * fused_tokens * len(vlm.compressor.layers))
                    + B * cfg.llm_tokens * llm_cfg.layers * (16 * llm_cfg.dim + 6 * llm_cfg.mlp))
     return frozen, trainable, gathered, activations
 

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from backbones import Llama
+from checkpoint import checkpoint_file, inference_vlm, read_gen_checkpoint
 from configurator import parse_config
-from evaluate import build_vlm, read_checkpoint, torch_dtype
+from evaluate import torch_dtype
 from fusion import TokenSpace, TokenSpaceConfig, collate
-from model import FusedVLMConfig, Llama, checkpoint_file
+from model import FusedVLMConfig
 
 
 @dataclass
@@ -27,9 +29,9 @@ class Config:
     ckpt: str = ""             # a gen checkpoint: folder with ckpt.safetensors, or the file
     image: str = ""            # an image file Pillow reads
     question: str = ""         # repeat --question=... for a multi-turn chat
-    n_l: int = 0               # 0 = as trained; vision tokens for the first question
-    n_s: int = 0               # 0 = as trained; for every later question
-    num_crops: int = -1        # -1 = as trained
+    n_l: int | None = None     # None = as trained; vision tokens for the first question
+    n_s: int | None = None     # None = as trained; for every later question
+    num_crops: int | None = None  # None = as trained
     max_new_tokens: int = 512  # evaluate.py's budget for open questions
     llama_path: str = ""       # "" = the checkpoint's (set it when the weights have moved)
     clip_path: str = ""
@@ -40,20 +42,21 @@ class Config:
 def load(cfg, device, dtype):
     """-> (FusedVLM in eval mode, TokenSpace) of the checkpoint, with the command line's token-space overrides."""
     path = checkpoint_file(cfg.ckpt)
-    weights, meta = read_checkpoint(path)
+    weights, meta = read_gen_checkpoint(path)
     model_cfg, trained = FusedVLMConfig.from_dict(meta["model_config"]), meta["token_space"]
     ts_cfg = TokenSpaceConfig(clip_path=cfg.clip_path or meta["clip_path"],
                               llama_path=cfg.llama_path or meta["llama_path"], image_size=trained["image_size"],
-                              num_crops=trained["num_crops"] if cfg.num_crops < 0 else cfg.num_crops,
-                              n_l=cfg.n_l or trained["n_l"], n_s=cfg.n_s or trained["n_s"],
+                              num_crops=trained["num_crops"] if cfg.num_crops is None else cfg.num_crops,
+                              n_l=trained["n_l"] if cfg.n_l is None else cfg.n_l,
+                              n_s=trained["n_s"] if cfg.n_s is None else cfg.n_s,
                               drop_question=trained["drop_question"], max_seq_len=trained["max_seq_len"],
                               system_prompt=trained["system_prompt"],
-                              chat_template=trained.get("chat_template", "llama-2"))  # older checkpoints: llama-2
+                              chat_template=trained["chat_template"])
     if max(ts_cfg.n_l, ts_cfg.n_s) - 1 > model_cfg.n_queries:
         raise SystemExit(f"{path}: n_l={ts_cfg.n_l}, n_s={ts_cfg.n_s} need up to {max(ts_cfg.n_l, ts_cfg.n_s) - 1} "
                          f"learned queries, the checkpoint has {model_cfg.n_queries}")
     llm = Llama.from_hf(ts_cfg.llama_path, dtype=dtype).to(device)
-    return build_vlm(model_cfg, weights, llm, path, device, dtype), TokenSpace(ts_cfg)
+    return inference_vlm(model_cfg, weights, llm, path, device, dtype), TokenSpace(ts_cfg)
 
 
 def chat(vlm, token_space, image, questions, max_new_tokens, device, dtype):

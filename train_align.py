@@ -28,26 +28,23 @@ the logit scale, a scalar fully_shard cannot cut, stays whole on every rank and 
 as DDP would. val_file: every eval_interval steps and at the end, the loss above on every validation batch of
 batch_size conversations in file order (negatives from the same batch, never gathered), averaged over the batches.
 """
-import json
 import math
-import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, step_batches
-from model import AlignModel, CLIPText, FusedVLMConfig, ViT, load_trainable, peak_flops
-from training import (StepLog, all_reduce, check_inputs, checkpoint_meta, claim_out_dir, clip_gradients,
-                      configure_optimizer, cosine_lr, epoch_steps, gradient_sync, read_config, read_resumable,
-                      restore_training_state, save_training_checkpoint, seed_everything, set_lr, shard,
-                      trained_weights, val_batches, wrap_blocks, write_metrics)
+from backbones import CLIPText, ViT
+from checkpoint import (checkpoint_meta, load_trainable, read_resumable, restore_training_state,
+                        save_training_checkpoint, trained_weights)
+from fusion import TokenSpace, TokenSpaceConfig
+from model import AlignModel, FusedVLMConfig
+from training import (all_reduce, clip_gradients, configure_optimizer, distribute, epoch_steps, gradient_sync,
+                      read_config, read_datasets, start_training, train, val_mean)
 
 
 @dataclass
@@ -99,34 +96,9 @@ class Config:
 
 
 cfg = read_config(Config(), sys.argv[1:], "train_align.py")
-
-# -----------------------------------------------------------------------------
-# DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
-ddp = "RANK" in os.environ
-if ddp:
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-else:
-    rank, local_rank, world_size = 0, 0, 1
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-master = rank == 0
-log = print if master else (lambda *args, **kwargs: None)
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-bf16 = device.type == "cuda" and cfg.dtype == "bfloat16"
-autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
-log(json.dumps(asdict(cfg), indent=1))
-log(f"device {device}, world size {world_size}")
-
-train_path, val_path = check_inputs(cfg, "download the Llama-2 folder with tokenizer.model, e.g. "
-                                         "meta-llama/Llama-2-7b-chat-hf, and put it there")
-ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, master)
+run, train_path, val_path, ckpt_path = start_training(cfg, "download the Llama-2 folder with tokenizer.model, e.g. "
+                                                           "meta-llama/Llama-2-7b-chat-hf, and put it there")
+device, world_size, log = run.device, run.world_size, run.log
 
 # -----------------------------------------------------------------------------
 # data: fusion.step_batches cuts a seeded permutation per epoch into steps of global_batch conversations, the same
@@ -134,18 +106,11 @@ ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, master)
 token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cfg.llama_path, image_size=cfg.image_size,
                                           num_crops=cfg.num_crops, n_l=cfg.n_l, n_s=cfg.n_s, max_seq_len=cfg.max_seq_len,
                                           max_answer_tokens=cfg.text_max_positions, chat_template=cfg.chat_template))
-dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
-log(dataset.summary())
-global_batch = cfg.batch_size * cfg.grad_accum * world_size
+dataset, val_set = read_datasets(cfg, token_space, train_path, val_path, log)
 steps_per_epoch = epoch_steps(len(dataset), cfg.batch_size, cfg.grad_accum, world_size, log)
-if val_path:
-    val_set = ConversationDataset(val_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
-    log(f"validation: {val_set.summary()}")
-
 
 # -----------------------------------------------------------------------------
 # model: CLIP's vision trunk and text tower from clip_path, the fused model and the alignment head random.
-seed_everything(cfg.seed)
 vit = ViT.from_hf(cfg.clip_path, image_size=cfg.image_size)
 text = CLIPText.from_hf(cfg.clip_path, max_positions=cfg.text_max_positions)
 if text.cfg.eos_token_id != token_space.clip_eos:  # the tower pools at its config's EOS id, the answer rows end in this one
@@ -154,27 +119,18 @@ if text.cfg.eos_token_id != token_space.clip_eos:  # the tower pools at its conf
 model_cfg = FusedVLMConfig(vit=vit.cfg, text=text.cfg, fused_layers=cfg.fused_layers, fused_heads=cfg.fused_heads,
                            fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip))
 raw_model = AlignModel(model_cfg)
-raw_model.vision.vit.load_state_dict(vit.state_dict())
-raw_model.text.load_state_dict(text.state_dict())
+raw_model.vision.vit, raw_model.text = vit, text  # after the random init, so the other parts draw as they always did
 del vit, text
 if cfg.resume:
     resumed, resumed_meta = read_resumable(ckpt_path, "align", model_cfg, cfg, ("seed", "batch_size", "grad_accum"),
                                            world_size, log)
     load_trainable(raw_model, trained_weights(resumed), ckpt_path)
-blocks = [*raw_model.vision.vit.layers, *raw_model.fused.layers, *raw_model.text.layers]
-wrap_blocks(blocks, cfg.activation_checkpointing, cfg.compile)
-if cfg.fsdp:
-    shard(raw_model, blocks, device, bf16, ignored=[raw_model.logit_scale])  # moves the shards to device
-    raw_model.logit_scale.data = raw_model.logit_scale.data.to(device)  # ignored, so not moved
-    model = raw_model
-else:
-    raw_model.to(device)
-    model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else raw_model
+model = distribute(raw_model, run, cfg, whole=[raw_model.logit_scale])
 log(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M trainable parameters"
     f"{f', sharded over {world_size} processes' if cfg.fsdp else ''}")
 
 optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
-start_step = (restore_training_state(ckpt_path, resumed, resumed_meta, raw_model, optimizer, rank, device, log)
+start_step = (restore_training_state(ckpt_path, resumed, resumed_meta, raw_model, optimizer, run.rank, device, log)
               if cfg.resume else 0)
 
 
@@ -214,37 +170,15 @@ def align_loss(questions, answers, fused, logit_scale, gather=cfg.gather_negativ
     return contrastive, eye
 
 
-@torch.no_grad()
-def val_loss():
-    """The loss of every validation batch (training.val_batches: every rank a share), averaged over the batches."""
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
-    for batch, counted in val_batches(val_set, cfg.batch_size, rank, world_size, cfg.num_workers, device.type == "cuda"):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast:
-            questions, answers, fused = raw_model(batch)  # under DDP the module itself: no gradient hooks
-        contrastive, eye = align_loss(questions, answers, fused, raw_model.logit_scale, gather=False)
-        if counted:
-            sums += torch.stack([(contrastive + cfg.eye_weight * eye).double(), torch.ones((), dtype=torch.float64, device=device)])
-    sums = all_reduce(sums)
-    return (sums[0] / sums[1]).item()
-
-
-# -----------------------------------------------------------------------------
-# training loop
-batches = step_batches(dataset, start_step, steps_per_epoch, cfg.batch_size, cfg.grad_accum, rank, world_size,
-                       cfg.seed, cfg.num_workers, pin_memory=device.type == "cuda")
-step_log = StepLog(raw_model, device, world_size, peak_flops(device), log)
-t_start = time.time()
-steps_run = 0
-for step in range(start_step, cfg.max_iters):
-    lr = cosine_lr(step, cfg.max_iters, cfg.lr, cfg.warmup_ratio)
-    set_lr(optimizer, lr)
+def train_step(micro_batches, step_log):
+    """One optimizer step: the micro-batches' mean loss (see the docstring at the top), backward, clip, AdamW, the
+    logit scale clamped. -> (the loss sum, its divisor, the gradient norm before clipping)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for micro_step, batch in enumerate(next(batches)):
+    for micro_step, batch in enumerate(micro_batches):
         step_log.count(batch)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with gradient_sync(model, last_micro_step=micro_step == cfg.grad_accum - 1):
-            with autocast:
+            with run.autocast:
                 questions, answers, fused = model(batch)
             contrastive, eye = align_loss(questions, answers, fused, raw_model.logit_scale)
             ((contrastive + cfg.eye_weight * eye) / cfg.grad_accum).backward()
@@ -256,25 +190,26 @@ for step in range(start_step, cfg.max_iters):
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         raw_model.logit_scale.clamp_(max=math.log(100))  # CLIP's cap on the temperature
-    step_done = step + 1
     step_log.step_done()
-    steps_run += 1
+    return loss_sum, cfg.grad_accum * world_size, grad_norm
 
-    if step_done % cfg.log_interval == 0 or step_done == cfg.max_iters or step_done == cfg.stop_at_step:
-        write_metrics(cfg.out_dir, step_log.line(step_done, cfg.max_iters, loss_sum, cfg.grad_accum * world_size, lr,
-                                                 grad_norm), master)
-    if val_path and (step_done % cfg.eval_interval == 0 or step_done == cfg.max_iters):
-        t_val = time.time()
-        record = {"step": step_done, "val_loss": val_loss()}
-        log(f"step {step_done} | val loss {record['val_loss']:.5f} | {len(val_set)} samples in {time.time() - t_val:.1f} s")
-        write_metrics(cfg.out_dir, record, master)
-        step_log.t_last += time.time() - t_val  # the next log line times training steps only
-    if step_done % cfg.ckpt_interval == 0 or step_done == cfg.max_iters or step_done == cfg.stop_at_step:
-        save(step_done)
-    if step_done == cfg.stop_at_step:
-        break
 
-log(f"done: {steps_run} steps, {steps_run * global_batch} samples in {time.time() - t_start:.1f} s")
-if ddp:
-    dist.barrier()  # without it gloo processes sometimes abort at exit
-    dist.destroy_process_group()
+def val_batch_loss(module, batch):
+    """A validation batch's loss, negatives from the same batch (never gathered); -> (loss, 1): a mean over batches."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with run.autocast:
+        questions, answers, fused = module(batch)
+    contrastive, eye = align_loss(questions, answers, fused, module.logit_scale, gather=False)
+    return contrastive + cfg.eye_weight * eye, 1
+
+
+def validate(step):
+    t_val = time.time()
+    record = {"step": step, "val_loss": val_mean(raw_model, val_set, run, cfg, val_batch_loss)}
+    log(f"step {step} | val loss {record['val_loss']:.5f} | {len(val_set)} samples in {time.time() - t_val:.1f} s")
+    return record
+
+
+# -----------------------------------------------------------------------------
+train(run, cfg, raw_model, dataset, val_set, steps_per_epoch, start_step, cfg.max_iters, optimizer, train_step,
+      validate, save)

@@ -37,24 +37,20 @@ conversation sees another sample's image: the gap says how much the model reads 
 data_fraction < 1 (stage 3) trains on a fixed random subset of the JSONL's lines, drawn with its own seed: the same
 lines for every n_l and every seed (a line that does not fit max_seq_len at some n_l is skipped and counted there).
 """
-import json
-import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, step_batches
-from model import COMPRESSORS, FusedVLM, FusedVLMConfig, Llama, ViT, load_checkpoint, load_trainable, peak_flops
-from training import (StepLog, all_reduce, answer_loss_step, check_inputs, checkpoint_meta, claim_out_dir, config_diff,
-                      configure_optimizer, cosine_lr, epoch_steps, read_config, read_resumable,
-                      restore_training_state, save_training_checkpoint, seed_everything, set_lr, shard,
-                      supervised_tokens, trained_weights, val_batches, wrap_blocks, write_metrics)
+from backbones import Llama, ViT
+from checkpoint import (checkpoint_meta, init_from, load_trainable, read_resumable, restore_training_state,
+                        save_training_checkpoint, trained_weights)
+from fusion import TokenSpace, TokenSpaceConfig
+from model import COMPRESSORS, FusedVLM, FusedVLMConfig
+from training import (answer_loss_step, configure_optimizer, distribute, epoch_steps, read_config, read_datasets,
+                      shard, start_training, supervised_tokens, train, val_mean, wrap_blocks)
 
 DATA_FRACTION_SEED = 0  # fixed on purpose: every n_l of a sweep fine-tunes on the same lines
 
@@ -115,37 +111,12 @@ if cfg.compressor not in COMPRESSORS:
     sys.exit(f"compressor must be one of {', '.join(COMPRESSORS)}, got {cfg.compressor!r}")
 if cfg.drop_question and cfg.compressor != "fused":
     sys.exit(f"drop_question=True is the fused model's VQ ablation; compressor={cfg.compressor} never reads the question")
-
-# -----------------------------------------------------------------------------
-# DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
-ddp = "RANK" in os.environ
-if ddp:
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-else:
-    rank, local_rank, world_size = 0, 0, 1
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-master = rank == 0
-log = print if master else (lambda *args, **kwargs: None)
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-bf16 = device.type == "cuda" and cfg.dtype == "bfloat16"
-autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
-log(json.dumps(asdict(cfg), indent=1))
-log(f"device {device}, world size {world_size}")
-
-train_path, val_path = check_inputs(
+run, train_path, val_path, ckpt_path = start_training(
     cfg, "download the Llama-2 folder (config.json, *.safetensors, tokenizer.model), e.g. meta-llama/Llama-2-7b-chat-hf, "
          "and put it there",
-    more=[("init_from", cfg.init_from, "train the previous stage first: this is the ckpt.safetensors in its out_dir")]
-    if cfg.init_from and not cfg.resume else [])
-ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, master)
+    more_inputs=[("init_from", cfg.init_from, "train the previous stage first: this is the ckpt.safetensors in its "
+                                              "out_dir")] if cfg.init_from and not cfg.resume else [])
+device, world_size, log = run.device, run.world_size, run.log
 
 # -----------------------------------------------------------------------------
 # data: fusion.step_batches cuts a seeded permutation per epoch into steps of global_batch conversations, the same
@@ -154,9 +125,7 @@ token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cf
                                           num_crops=cfg.num_crops, n_l=cfg.n_l, n_s=cfg.n_s,
                                           drop_question=cfg.drop_question, max_seq_len=cfg.max_seq_len,
                                           chat_template=cfg.chat_template))
-global_batch = cfg.batch_size * cfg.grad_accum * world_size
-dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
-log(dataset.summary())
+dataset, val_set = read_datasets(cfg, token_space, train_path, val_path, log)
 if cfg.data_fraction < 1:
     with open(train_path, "rb") as f:
         n_lines = sum(1 for _ in f)
@@ -167,86 +136,57 @@ if cfg.data_fraction < 1:
 steps_per_epoch = epoch_steps(len(dataset), cfg.batch_size, cfg.grad_accum, world_size, log)
 max_iters = cfg.max_iters or cfg.epochs * steps_per_epoch
 log(f"{max_iters} steps in all")
-if val_path:
-    val_set = ConversationDataset(val_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
-    log(f"validation: {val_set.summary()}")
-
 
 # -----------------------------------------------------------------------------
-# model: the frozen LLM from llama_path; the vision trunk from clip_path; fused model and bridge random, then
+# model: the frozen LLM from llama_path; the vision trunk from clip_path; compressor and bridge random, then
 # overwritten by the previous stage's weights (init_from) or this run's (resume). All before DDP or FSDP wraps it.
-seed_everything(cfg.seed)
 vit = ViT.from_hf(cfg.clip_path, image_size=cfg.image_size)
 
 
 def shard_llm(llm):
     """FSDP: the LLM is sharded while still empty, then every rank reads only its shards from llama_path."""
     wrap_blocks(llm.layers, activation_checkpointing=False, compile=cfg.compile)
-    shard(llm, [llm.embed_tokens, *llm.layers], device, bf16)  # embed_tokens: FusedVLM calls it directly
+    shard(llm, [llm.embed_tokens, *llm.layers], device, run.bf16)  # embed_tokens: FusedVLM calls it directly
 
 
-llm = Llama.from_hf(cfg.llama_path, dtype=torch.bfloat16 if bf16 else torch.float32,
+llm = Llama.from_hf(cfg.llama_path, dtype=torch.bfloat16 if run.bf16 else torch.float32,
                     shard=shard_llm if cfg.fsdp else None).requires_grad_(False)
+if cfg.compile and not cfg.fsdp:
+    wrap_blocks(llm.layers, activation_checkpointing=False, compile=True)
 model_cfg = FusedVLMConfig(vit=vit.cfg, llm=llm.cfg, fused_layers=cfg.fused_layers, fused_heads=cfg.fused_heads,
                            fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip),
                            bridge_init_std=cfg.bridge_init_std, compressor=cfg.compressor)
 raw_model = FusedVLM(model_cfg, llm=llm)
-raw_model.vision.vit = vit
+raw_model.vision.vit = vit  # after the random init, so the other parts draw as they always did
 del vit, llm
 if cfg.resume:
     resumed, resumed_meta = read_resumable(ckpt_path, "gen", model_cfg, cfg,
                                            ("seed", "batch_size", "grad_accum", "data_fraction"), world_size, log)
     load_trainable(raw_model, trained_weights(resumed), ckpt_path)
 elif cfg.init_from:
-    tensors, meta = load_checkpoint(cfg.init_from, prefix="model.")
-    stage1 = meta.get("stage") == "align"
-    theirs = meta.get("model_config", {}).get("compressor", "fused")  # checkpoints from before compressors: fused
-    # parts that keep their fresh init: a stage-1 checkpoint has no bridge; a checkpoint of another compressor
-    # (every stage-1 one is fused) gives only its vision tower
-    swapped = theirs != cfg.compressor
-    fresh = ("bridge.", "fused.") if swapped else ("bridge.",) if stage1 else ()
-    # what the trained parts were built for must match: the vision tower alone after a swap; a stage-1 checkpoint
-    # knows no LLM
-    ignore = ([k for k in asdict(model_cfg) if k != "vit"] if swapped
-              else ("text", "bridge_init_std") + (("llm",) if stage1 else ()))
-    diff = config_diff(meta.get("model_config", {}), model_cfg, ignore=ignore)
-    if diff:
-        sys.exit(f"init_from {cfg.init_from}: its model differs from this config's (checkpoint, now): {diff}")
-    weights = trained_weights(tensors)
-    if fresh:
-        weights = {k: v for k, v in weights.items() if not k.startswith(fresh)}
-        weights.update({k: v.detach().clone() for k, v in raw_model.trainable_state_dict().items() if k.startswith(fresh)})
-    load_trainable(raw_model, weights, cfg.init_from, unused_prefixes=("text.", "align_head.", "logit_scale"))
-    log(f"initialised from {cfg.init_from} ({meta.get('stage')} checkpoint at step {meta.get('step')})")
-    if swapped:
-        log(f"compressor={cfg.compressor}: {cfg.init_from} holds a {theirs} model; only its vision tower is taken, "
-            f"the {cfg.compressor} and the bridge start fresh")
-wrap_blocks([*raw_model.vision.vit.layers, *raw_model.fused.layers], cfg.activation_checkpointing, cfg.compile)
-if cfg.fsdp:
-    shard(raw_model, [*raw_model.vision.vit.layers, *raw_model.fused.layers], device, bf16)  # moves it to device
-    model = raw_model
-else:
-    raw_model.to(device)
-    if cfg.compile:
-        wrap_blocks(raw_model.llm.layers, activation_checkpointing=False, compile=True)
-    if ddp:
-        # every rank loads the same LLM from llama_path: no 13 GB broadcast at start (and DDP buckets only
-        # parameters that require grad, so the frozen LLM costs nothing after that)
-        DDP._set_params_and_buffers_to_ignore_for_model(raw_model, [f"llm.{k}" for k in raw_model.llm.state_dict()])
-    model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else raw_model
+    init_from(raw_model, cfg.init_from, log)
+# every rank loads the same LLM from llama_path: no 13 GB broadcast at start
+model = distribute(raw_model, run, cfg, frozen=raw_model.llm)
 trainable = [p for p in raw_model.parameters() if p.requires_grad]
 log(f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, "
     f"{sum(p.numel() for p in raw_model.llm.parameters()) / 1e6:.2f}M frozen in the LLM"
     f"{f', all sharded over {world_size} processes' if cfg.fsdp else ''}")
 
 optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
-start_step = (restore_training_state(ckpt_path, resumed, resumed_meta, raw_model, optimizer, rank, device, log)
+start_step = (restore_training_state(ckpt_path, resumed, resumed_meta, raw_model, optimizer, run.rank, device, log)
               if cfg.resume else 0)
 
 
 def save(step):
     meta = checkpoint_meta("gen", step, steps_per_epoch, world_size, cfg, model_cfg, token_space, max_iters=max_iters)
     save_training_checkpoint(ckpt_path, raw_model, raw_model.trainable_state_dict(), optimizer, meta, device, log)
+
+
+def train_step(micro_batches, step_log):
+    """The loss normalised by the whole step's supervised tokens (see the docstring), backward, clip, AdamW."""
+    loss_sum, n_labels, grad_norm = answer_loss_step(model, micro_batches, optimizer, trainable, cfg.grad_clip,
+                                                     world_size, device, run.autocast, step_log)
+    return loss_sum, n_labels.item(), grad_norm
 
 
 # -----------------------------------------------------------------------------
@@ -261,52 +201,24 @@ def images_rolled(batch):
                 crop_to_sample=torch.arange(B).repeat_interleave(torch.tensor([len(c) for c in crops])))
 
 
-@torch.no_grad()
-def val_loss(roll_images):
-    """Token mean of the answer loss over the whole validation set, every rank a shard of it (training.val_batches)."""
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, supervised tokens
-    for batch, counted in val_batches(val_set, cfg.batch_size, rank, world_size, cfg.num_workers, device.type == "cuda"):
-        n = supervised_tokens(batch)
-        batch = {k: v.to(device, non_blocking=True) for k, v in (images_rolled(batch) if roll_images else batch).items()}
-        with autocast:
-            _, batch_loss_sum = raw_model(batch)  # under DDP the module itself: no gradient hooks
-        if counted:
-            sums += torch.stack([batch_loss_sum.double(), torch.tensor(n, dtype=torch.float64, device=device)])
-    sums = all_reduce(sums)
-    return (sums[0] / sums[1]).item()
+def answer_loss(module, batch):
+    """-> (a validation batch's answer-loss sum, its supervised tokens): summed over the set, a token mean."""
+    n = supervised_tokens(batch)
+    with run.autocast:
+        _, loss_sum = module({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+    return loss_sum, n
+
+
+def validate(step):
+    t_val = time.time()
+    record = {"step": step, "val_loss": val_mean(raw_model, val_set, run, cfg, answer_loss),
+              "val_loss_images_rolled": val_mean(raw_model, val_set, run, cfg,
+                                                 lambda module, batch: answer_loss(module, images_rolled(batch)))}
+    log(f"step {step} | val loss {record['val_loss']:.5f} | with the images rolled in each batch "
+        f"{record['val_loss_images_rolled']:.5f} | {len(val_set)} samples in {time.time() - t_val:.1f} s")
+    return record
 
 
 # -----------------------------------------------------------------------------
-# training loop
-batches = step_batches(dataset, start_step, steps_per_epoch, cfg.batch_size, cfg.grad_accum, rank, world_size,
-                       cfg.seed, cfg.num_workers, pin_memory=device.type == "cuda")
-step_log = StepLog(raw_model, device, world_size, peak_flops(device), log)
-t_start = time.time()
-steps_run = 0
-for step in range(start_step, max_iters):
-    lr = cosine_lr(step, max_iters, cfg.lr, cfg.warmup_ratio)
-    set_lr(optimizer, lr)
-    # the loss normalised by the whole step's supervised tokens (see the docstring), backward, clip, AdamW
-    loss_sum, n_labels, grad_norm = answer_loss_step(model, next(batches), optimizer, trainable, cfg.grad_clip,
-                                                     world_size, device, autocast, step_log)
-    step_done = step + 1
-    steps_run += 1
-
-    if step_done % cfg.log_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step:
-        write_metrics(cfg.out_dir, step_log.line(step_done, max_iters, loss_sum, n_labels.item(), lr, grad_norm), master)
-    if val_path and (step_done % cfg.eval_interval == 0 or step_done == max_iters):
-        t_val = time.time()
-        record = {"step": step_done, "val_loss": val_loss(roll_images=False), "val_loss_images_rolled": val_loss(roll_images=True)}
-        log(f"step {step_done} | val loss {record['val_loss']:.5f} | with the images rolled in each batch "
-            f"{record['val_loss_images_rolled']:.5f} | {len(val_set)} samples in {time.time() - t_val:.1f} s")
-        write_metrics(cfg.out_dir, record, master)
-        step_log.t_last += time.time() - t_val  # the next log line times training steps only
-    if step_done % cfg.ckpt_interval == 0 or step_done == max_iters or step_done == cfg.stop_at_step:
-        save(step_done)
-    if step_done == cfg.stop_at_step:
-        break
-
-log(f"done: {steps_run} steps, {steps_run * global_batch} samples in {time.time() - t_start:.1f} s")
-if ddp:
-    dist.barrier()  # without it gloo processes sometimes abort at exit
-    dist.destroy_process_group()
+train(run, cfg, raw_model, dataset, val_set, steps_per_epoch, start_step, max_iters, optimizer, train_step, validate,
+      save)

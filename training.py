@@ -1,7 +1,9 @@
 """
-The training run around the networks, shared by train_align.py and train_gen.py: the out_dir and path checks,
-seeding, the per-block wrappers (activation checkpointing, compile, FSDP2 sharding), AdamW and its schedule,
-gradient clipping, checkpoint save and exact resume, the validation batches, the log line and the metrics record.
+What the scripts share to run, nanochat's compute_init and a little more: the run set-up (process group, device,
+seed) of train_align.py, train_gen.py and evaluate.py; and for the two trainers the out_dir and path checks, the
+per-block wrappers (activation checkpointing, compile, FSDP2 sharding), AdamW and its schedule, gradient clipping,
+the validation batches, the log line, the metrics record and the training loop itself. What a checkpoint holds and
+how a run resumes exactly is checkpoint.py's.
 
 DDP or FSDP (--fsdp=True, torchrun only). DDP keeps a whole copy of every weight on every GPU. FSDP2's fully_shard
 cuts every block's parameters (the trainable ones, their gradients and AdamW moments, and the frozen LLM's) into
@@ -9,12 +11,6 @@ world_size pieces along dim 0; a block's full weights exist only while it runs (
 and again before its backward), and its gradients are reduce-scattered after its backward, averaged over ranks as
 DDP averages them, so the trainers' loss normalisation is the same under both. On GPU with dtype=bfloat16 the
 gathered weights are bf16 and the gradients are reduced in fp32; the sharded master weights and AdamW stay fp32.
-
-A training checkpoint is one safetensors file (model.py's format) in the same layout under DDP and FSDP: the
-trainable weights and the AdamW state as full tensors (FSDP gathers them from their shards, one tensor at a time),
-every rank's RNG states, and as JSON the step, the data cursor and both configs. An exact resume needs the same
-world_size (the RNG states are per rank); the trained weights go into the model before it is sharded or wrapped,
-the optimizer state after, cut like its parameter.
 """
 import json
 import math
@@ -32,13 +28,61 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
+from checkpoint import local
 from configurator import parse_config
-from fusion import IGNORE, collate
-from model import load_checkpoint, save_checkpoint, train_flops
+from fusion import IGNORE, ConversationDataset, collate, step_batches
+from model import peak_flops, train_flops
+
+# -----------------------------------------------------------------------------
+# The run set-up of every script
+
+
+class Run:
+    """This process's place in the run. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is the
+    only process. device "" = cuda when there is one (under torchrun: this rank's GPU), else cpu."""
+
+    def __init__(self, device=""):
+        self.ddp = "RANK" in os.environ
+        self.rank, self.local_rank, self.world_size = ((int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                                                        int(os.environ["WORLD_SIZE"])) if self.ddp else (0, 0, 1))
+        if self.ddp and torch.cuda.is_available() and device in ("", "cuda"):
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl", device_id=self.device)
+        elif self.ddp:
+            self.device = torch.device(device or "cpu")
+            dist.init_process_group("gloo")
+        else:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.master = self.rank == 0
+
+    def log(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs)
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
+
+    def close(self, barrier=True):
+        if self.ddp:
+            if barrier:
+                dist.barrier()  # without it gloo processes sometimes abort at exit
+            dist.destroy_process_group()
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# A training run's set-up: config, inputs, out_dir, data
 
 
 def read_config(config, argv, script):
@@ -51,6 +95,22 @@ def read_config(config, argv, script):
     if cfg.fsdp and "RANK" not in os.environ:
         sys.exit(f"fsdp=True shards over the processes of torchrun: run torchrun --nproc_per_node=N {script} ...")
     return cfg
+
+
+def start_training(cfg, llama_remedy, more_inputs=()):
+    """Both trainers' set-up after their config: the run, TF32, the autocast of cfg.dtype, the input checks, out_dir
+    claimed, the seed. -> (run, train_path, val_path, ckpt_path); run.bf16 and run.autocast say how the model runs."""
+    run = Run()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    run.bf16 = run.device.type == "cuda" and cfg.dtype == "bfloat16"
+    run.autocast = torch.autocast("cuda", torch.bfloat16) if run.bf16 else nullcontext()
+    run.log(json.dumps(asdict(cfg), indent=1))
+    run.log(f"device {run.device}, world size {run.world_size}")
+    train_path, val_path = check_inputs(cfg, llama_remedy, more_inputs)
+    ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, run.master)
+    seed_everything(cfg.seed)
+    return run, train_path, val_path, ckpt_path
 
 
 def check_inputs(cfg, llama_remedy, more=()):
@@ -84,6 +144,17 @@ def claim_out_dir(out_dir, resume, master):
     return ckpt_path
 
 
+def read_datasets(cfg, token_space, train_path, val_path, log):
+    """-> (the training set, the validation set or None without val_file), each summarised in the log."""
+    dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
+    log(dataset.summary())
+    val_set = None
+    if val_path:
+        val_set = ConversationDataset(val_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
+        log(f"validation: {val_set.summary()}")
+    return dataset, val_set
+
+
 def epoch_steps(n_samples, batch_size, grad_accum, world_size, log):
     """Optimizer steps in one pass over n_samples at a global batch of batch_size x grad_accum x world_size; stops
     when not even one fits."""
@@ -95,12 +166,6 @@ def epoch_steps(n_samples, batch_size, grad_accum, world_size, log):
         f"steps per epoch; each epoch leaves out {n_samples - steps * global_batch} samples (a different random set "
         f"every epoch)")
     return steps
-
-
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 # -----------------------------------------------------------------------------
@@ -128,14 +193,31 @@ def shard(module, blocks, device, bf16, ignored=()):
         module.to_empty(device=device)
 
 
+def distribute(raw_model, run, cfg, whole=(), frozen=None):
+    """-> the model the training step calls. fsdp: raw_model sharded block by block (raw_model.blocks()) and moved to
+    the device; `whole` parameters, which fully_shard cannot cut, stay whole on every rank. Otherwise raw_model on
+    the device, wrapped in DDP under torchrun; `frozen`, a frozen part every rank loaded from its own folder, is left
+    out of DDP's start-up broadcast (and DDP buckets only parameters that require grad, so it costs nothing after)."""
+    blocks = raw_model.blocks()
+    wrap_blocks(blocks, cfg.activation_checkpointing, cfg.compile)
+    if cfg.fsdp:
+        shard(raw_model, blocks, run.device, run.bf16, ignored=whole)
+        for p in whole:  # ignored by fully_shard, so not moved
+            p.data = p.data.to(run.device)
+        return raw_model
+    raw_model.to(run.device)
+    if not run.ddp:
+        return raw_model
+    if frozen is not None:
+        prefix = next(name for name, module in raw_model.named_modules() if module is frozen)
+        DDP._set_params_and_buffers_to_ignore_for_model(raw_model, [f"{prefix}.{k}" for k in frozen.state_dict()])
+    return DDP(raw_model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
+
+
 def gradient_sync(model, last_micro_step):
     """DDP all-reduces gradients only at the step's last micro-batch (forward AND backward inside, or nothing is
     skipped). FSDP reduce-scatters after every micro-batch, which keeps the gradients sharded."""
     return model.no_sync() if isinstance(model, DDP) and not last_micro_step else nullcontext()
-
-
-def local(t):
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def clip_gradients(params, max_norm):
@@ -189,114 +271,6 @@ def set_lr(optimizer, lr):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint save and exact resume
-
-
-def full_tensor(t):
-    """A whole tensor on the CPU; an FSDP shard is all-gathered first (collective: every rank calls it)."""
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
-
-
-def rng_state(device):
-    """This process's RNG states; save_training_checkpoint gathers one per rank."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def checkpoint_meta(stage, step, steps_per_epoch, world_size, train_cfg, model_cfg, token_space, **extra):
-    epoch, cursor = divmod(step, steps_per_epoch)
-    return {"stage": stage, "step": step, **extra, "data_seed": train_cfg.seed, "epoch": epoch, "cursor": cursor,
-            "steps_per_epoch": steps_per_epoch, "world_size": world_size, "train_config": asdict(train_cfg),
-            "model_config": asdict(model_cfg), "clip_path": os.path.abspath(train_cfg.clip_path),
-            "llama_path": os.path.abspath(train_cfg.llama_path),
-            "token_space": {k: v for k, v in asdict(token_space.cfg).items() if not k.endswith("_path")}}
-
-
-def save_training_checkpoint(path, model, weights, optimizer, meta, device, log):
-    """Collective: every rank calls it, rank 0 writes. weights: the trainable state dict (shards or whole)."""
-    distributed = dist.is_initialized()
-    master = not distributed or dist.get_rank() == 0
-    states = [None] * dist.get_world_size() if distributed else [rng_state(device)]
-    if distributed:
-        dist.all_gather_object(states, rng_state(device))
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {}
-    for k, v in weights.items():
-        tensors[f"model.{k}"] = full_tensor(v)
-    for p, state in optimizer.state.items():  # the same order on every rank, so the gathers pair up
-        for key, value in state.items():
-            tensors[f"optim.{names[id(p)]}.{key}"] = full_tensor(value)
-    if not master:
-        return
-    for r, state in enumerate(states):
-        tensors[f"rng.torch.{r}"] = state["torch"]
-        if state["cuda"] is not None:
-            tensors[f"rng.cuda.{r}"] = state["cuda"]
-    meta = dict(meta, rng_python=[[s["python"][0], list(s["python"][1]), s["python"][2]] for s in states],
-                rng_numpy=[[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in states])
-    save_checkpoint(path, tensors, meta)
-    log(f"saved {path} at step {meta['step']}")
-
-
-def config_diff(theirs, ours, ignore=()):
-    """{key: (checkpoint's value, ours)} where a dataclass config differs from a checkpoint's JSON copy of one. A key
-    the checkpoint lacks, written before the key existed, counts as the key's default (e.g. compressor: fused)."""
-    defaults = json.loads(json.dumps(asdict(type(ours)())))
-    theirs = {**defaults, **theirs}
-    ours = json.loads(json.dumps(asdict(ours)))
-    return {k: (theirs[k], v) for k, v in ours.items() if k not in ignore and theirs[k] != v}
-
-
-def read_resumable(path, stage, model_cfg, train_cfg, data_order_keys, world_size, log):
-    """-> (tensors, meta) of a checkpoint that can continue this run exactly (or a stop saying why not); logs the
-    other settings that changed."""
-    tensors, meta = load_checkpoint(path)
-    if meta.get("stage") != stage:
-        raise SystemExit(f"{path}: a {meta.get('stage')!r} checkpoint, this run trains {stage!r}")
-    diff = config_diff(meta["model_config"], model_cfg)
-    if diff:
-        raise SystemExit(f"{path}: model config differs from this run's (checkpoint, now): {diff}")
-    for key in data_order_keys:
-        if meta["train_config"][key] != getattr(train_cfg, key):
-            raise SystemExit(f"{path}: {key}={meta['train_config'][key]} in the checkpoint, {getattr(train_cfg, key)} "
-                             f"now: the data order would not continue; resume with the checkpoint's value")
-    if meta["world_size"] != world_size:
-        raise SystemExit(f"{path}: saved by {meta['world_size']} processes, resumed by {world_size}: use the same count")
-    changed = {k: (v, getattr(train_cfg, k)) for k, v in meta["train_config"].items()
-               if k != "resume" and hasattr(train_cfg, k) and v != getattr(train_cfg, k)}
-    if changed:
-        log(f"resuming with changed settings (checkpoint, now): {changed}")
-    return tensors, meta
-
-
-def trained_weights(tensors):
-    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-
-
-def restore_training_state(path, tensors, meta, model, optimizer, rank, device, log):
-    """AdamW state (each tensor cut like its parameter) and this rank's RNG states; -> the step to continue at."""
-    for name, p in model.named_parameters():
-        if p.requires_grad and f"optim.{name}.step" in tensors:
-            state = {}
-            for key in ("exp_avg", "exp_avg_sq"):
-                value = tensors[f"optim.{name}.{key}"].to(local(p).device)
-                state[key] = (distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
-                              if isinstance(p, DTensor) else value)
-            # AdamW keeps `step` on the CPU unless it is fused (or capturable), where it lives with the parameter
-            state["step"] = tensors[f"optim.{name}.step"].to(local(p).device if optimizer.defaults.get("fused") else "cpu")
-            optimizer.state[p] = state
-    torch.set_rng_state(tensors[f"rng.torch.{rank}"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"], device)
-    version, state, gauss = meta["rng_python"][rank]
-    random.setstate((version, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = meta["rng_numpy"][rank]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    log(f"resumed from {path} at step {meta['step']}")
-    return meta["step"]
-
-
-# -----------------------------------------------------------------------------
 # Validation batches, the log line and the metrics record
 
 
@@ -311,6 +285,21 @@ def val_batches(dataset, batch_size, rank, world_size, num_workers=0, pin_memory
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, collate_fn=collate, num_workers=num_workers,
                                          pin_memory=pin_memory, generator=torch.Generator())  # no draw from the global RNG
     return zip(loader, counted)
+
+
+@torch.no_grad()
+def val_mean(raw_model, val_set, run, cfg, loss_and_weight):
+    """sum of loss / sum of weight over every validation batch (val_batches: every rank a share), where
+    loss_and_weight(raw_model, batch) -> (loss, weight) of one batch still on the CPU (under DDP raw_model is the
+    module itself: no gradient hooks)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss sum, weight sum
+    for batch, counted in val_batches(val_set, cfg.batch_size, run.rank, run.world_size, cfg.num_workers,
+                                      run.device.type == "cuda"):
+        loss, weight = loss_and_weight(raw_model, batch)
+        if counted:
+            sums += torch.stack([loss.double(), torch.tensor(weight, dtype=torch.float64, device=run.device)])
+    sums = all_reduce(sums)
+    return (sums[0] / sums[1]).item()
 
 
 def supervised_tokens(batch):
@@ -364,7 +353,7 @@ class StepLog:
 
     def count(self, batch):
         """Before the batch goes to the device: no device syncs."""
-        fused = len(batch["crop_to_sample"]) * self.model.vision.tokens_per_crop() + int(batch["fused_attention_mask"].sum())
+        fused = len(batch["crop_to_sample"]) * self.model.vision.tokens_per_crop() + int(batch["fused_real_mask"].sum())
         llm = int(batch["attention_mask"].sum()) if hasattr(self.model, "llm") else 0
         self.totals += torch.tensor([len(batch["fused_ids"]), fused, llm, train_flops(self.model, batch)],
                                     dtype=torch.float64, device=self.device)
@@ -391,3 +380,41 @@ class StepLog:
         self.totals.zero_()
         self.t_last, self.steps = time.time(), 0
         return record
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def train(run, cfg, raw_model, dataset, val_set, steps_per_epoch, start_step, max_iters, optimizer, train_step,
+          validate, save):
+    """Both trainers' loop, from start_step on: each step at its cosine lr, train_step(micro_batches, step_log) ->
+    (loss sum, its divisor, gradient norm); the log line every log_interval steps, validate(step) -> a metrics record
+    every eval_interval steps (with a val_set), save(step) every ckpt_interval steps, and each of them at the end
+    (max_iters or stop_at_step; validation at max_iters only). Then the run's teardown."""
+    batches = step_batches(dataset, start_step, steps_per_epoch, cfg.batch_size, cfg.grad_accum, run.rank,
+                           run.world_size, cfg.seed, cfg.num_workers, pin_memory=run.device.type == "cuda")
+    step_log = StepLog(raw_model, run.device, run.world_size, peak_flops(run.device), run.log)
+    t_start = time.time()
+    steps_run = 0
+    for step in range(start_step, max_iters):
+        lr = cosine_lr(step, max_iters, cfg.lr, cfg.warmup_ratio)
+        set_lr(optimizer, lr)
+        loss_sum, loss_divisor, grad_norm = train_step(next(batches), step_log)
+        step_done = step + 1
+        steps_run += 1
+        last = step_done == max_iters or step_done == cfg.stop_at_step
+        if step_done % cfg.log_interval == 0 or last:
+            write_metrics(cfg.out_dir, step_log.line(step_done, max_iters, loss_sum, loss_divisor, lr, grad_norm),
+                          run.master)
+        if val_set is not None and (step_done % cfg.eval_interval == 0 or step_done == max_iters):
+            t_val = time.time()
+            write_metrics(cfg.out_dir, validate(step_done), run.master)
+            step_log.t_last += time.time() - t_val  # the next log line times training steps only
+        if step_done % cfg.ckpt_interval == 0 or last:
+            save(step_done)
+        if step_done == cfg.stop_at_step:
+            break
+    global_batch = cfg.batch_size * cfg.grad_accum * run.world_size
+    run.log(f"done: {steps_run} steps, {steps_run * global_batch} samples in {time.time() - t_start:.1f} s")
+    run.close()

@@ -12,7 +12,8 @@ from transformers import CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisi
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaModel
 
-from model import AlignModel, CLIPTextConfig, FusedVLM, FusedVLMConfig, LlamaConfig, ViTConfig
+from backbones import CLIPTextConfig, LlamaConfig, ViTConfig
+from model import AlignModel, FusedVLM, FusedVLMConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"authors_align": "train_align.py", "authors_gen": "train_gen.py", "authors_finetune": "train_gen.py"}
@@ -79,7 +80,7 @@ def test_authors_stage_one_builds_on_meta_with_vit_l_336_counts():
     assert count(ours.text) == count(hf_text)
     assert ours.text.position_embedding.shape == (1024, 768)
     # the fused model: a Llama of 12 x (width 1024, 16 heads, MLP 4096) over CLIP's vocabulary, plus our query table
-    assert count(ours.fused) == count(hf_fused) + 767 * 1024
+    assert count(ours.compressor) == count(hf_fused) + 767 * 1024
     assert count(ours.align_head) == 1024 * 768
 
 

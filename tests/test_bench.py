@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import bench
 import fusion
-from model import FusedVLM, FusedVLMConfig, Llama, ViT
+from backbones import Llama, ViT
+from model import FusedVLM, FusedVLMConfig
 
 
 def test_train_mode_times_the_training_step_on_batches_of_the_configured_shapes(synthetic_world, tmp_path, capsys,
@@ -38,7 +39,7 @@ def test_train_mode_times_the_training_step_on_batches_of_the_configured_shapes(
     vlm = FusedVLM(FusedVLMConfig(vit=vit.cfg, llm=llm.cfg, fused_layers=2, fused_heads=4, fused_mlp=256,
                                   fused_vocab_size=len(space.clip)), llm=llm)
     vlm.vision.vit = vit
-    batch = fusion.synthetic_batch(2, 3, 112, 5, len(space.clip), space.sp.get_piece_size(), seed=3)
+    batch = bench.synthetic_batch(2, 3, 112, 5, len(space.clip), space.sp.get_piece_size(), seed=3)
     assert batch["pixel_values"].shape == (2 * 3, 3, 112, 112)
     with torch.no_grad():
         logits = vlm(batch)[0]

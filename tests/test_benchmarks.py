@@ -1,4 +1,4 @@
-"""benchmarks.py without a model: it imports without torch, --limit subsets (whole MME pairs, every category),
+"""benchmarks.py and scorers.py without a model: they import without torch, --limit subsets (whole MME pairs, every category),
 the per-row extracted answers and scores against hand-worked values, and TSVs of one's own run with a kind."""
 import csv
 import json
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import benchmarks as bm
+import scorers
 import evaluate as ev
 from test_scorers import load, png_b64
 
@@ -23,7 +24,7 @@ def test_imports_without_torch():
 
 def mme_records(images_per_category=3):
     records, index = [], 0
-    for category in bm.MME_PERCEPTION + bm.MME_REASONING:
+    for category in scorers.MME_PERCEPTION + scorers.MME_REASONING:
         for image in range(images_per_category):
             for answer in ("Yes", "No"):
                 records.append(dict(index=index, question="q", answer=answer, category=category,
@@ -39,7 +40,7 @@ def test_limit_keeps_whole_mme_pairs_and_every_category(tmp_path):
         assert len(subset) == expected
         pairs = Counter((r.fields["category"], r.fields["image_path"]) for r in subset)
         assert set(pairs.values()) == {2}  # both questions of every image taken
-        assert {r.fields["category"] for r in subset} == set(bm.MME_PERCEPTION + bm.MME_REASONING)
+        assert {r.fields["category"] for r in subset} == set(scorers.MME_PERCEPTION + scorers.MME_REASONING)
         assert [int(r.index) for r in subset] == sorted(int(r.index) for r in subset)  # file order
         assert bm.limit_rows("MME", rows, limit) == subset  # deterministic
         bm.score("MME", subset, {r.index: "Yes" for r in subset})  # the scorer accepts it

@@ -16,9 +16,11 @@ import torch
 
 import benchmarks as bm
 import evaluate as ev
+from backbones import Llama
+from checkpoint import load_checkpoint, trained_vlm
 from conftest import SYSTEM_PROMPT
 from fusion import TokenSpace, TokenSpaceConfig, collate, load_image
-from model import FusedVLM, FusedVLMConfig, Llama, load_checkpoint
+from model import FusedVLMConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 Q1, A1 = "What colour is the shape in row 2, column 3?", "The shape is red."
@@ -84,7 +86,7 @@ def test_a_vicuna_model_trains_records_its_template_and_evaluates_with_it(synthe
     tensors, meta = load_checkpoint(str(tmp_path))
     assert meta["token_space"]["chat_template"] == "vicuna"
     space = TokenSpace(TokenSpaceConfig(clip_path=f"{world}/clip", llama_path=f"{world}/llama", **meta["token_space"]))
-    vlm = FusedVLM.from_pretrained(FusedVLMConfig.from_dict(meta["model_config"]),
+    vlm = trained_vlm(FusedVLMConfig.from_dict(meta["model_config"]),
                                    {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
                                    Llama.from_hf(f"{world}/llama"), str(tmp_path)).eval()
     record = json.loads((world / "val.jsonl").read_text().splitlines()[0])

@@ -1,7 +1,7 @@
 """The three compressors of model.py (fused, pool, resampler): how many tokens each makes and where they go, against
 re-computations written here (pooling with explicit loops and means, the resampler's attention by hand over one
 sample's tokens); gradients; train_gen.py checkpoints that record their compressor and load back through
-evaluate.py's loader; the FLOP count against a hand count and FlopCounterMode.
+checkpoint.py's loader; the FLOP count against a hand count and FlopCounterMode.
 
 The tiny ViT: 28 px crops of 7 px patches, 4 x 4 patches -> a 2 x 2 merged grid + separator = 5 tokens per crop.
 """
@@ -15,11 +15,12 @@ import torch.nn.functional as F
 
 import bench
 import evaluate as ev
+from backbones import LlamaConfig, ViTConfig
+from checkpoint import config_diff, inference_vlm, load_checkpoint, read_gen_checkpoint
 from fusion import collate
-from model import FusedVLM, FusedVLMConfig, LlamaConfig, ViTConfig, load_checkpoint, train_flops
+from model import FusedVLM, FusedVLMConfig, train_flops
 from test_flops import counted_step, make_batch
 from test_train import run  # train_gen.py / train_align.py in this process, as the command line runs them
-from training import config_diff
 
 ROOT = Path(__file__).resolve().parent.parent
 EOS, SLOT, D = 63, 0, 32
@@ -57,7 +58,7 @@ def build_batch(samples, seed=0):
                 crop_to_sample=torch.cat([torch.full((k,), b) for b, (k, _) in enumerate(samples)]),
                 fused_ids=pad([f[0] for f in fused], 0, torch.long), query_mask=pad([f[1] for f in fused], False, torch.bool),
                 output_mask=pad([f[2] for f in fused], False, torch.bool),
-                fused_attention_mask=pad([[True] * len(f[0]) for f in fused], False, torch.bool),
+                fused_real_mask=pad([[True] * len(f[0]) for f in fused], False, torch.bool),
                 input_ids=pad([ids for ids, _ in llm], 0, torch.long), slot_mask=pad([s for _, s in llm], False, torch.bool),
                 labels=pad(labels, -100, torch.long), attention_mask=pad([[True] * len(ids) for ids, _ in llm], False, torch.bool))
 
@@ -75,7 +76,7 @@ def vlm_of(compressor, seed=0):
 
 def compress(vlm, batch):
     vision = vlm.vision(batch["pixel_values"])
-    return vision, vlm.fused(vision, batch["crop_to_sample"], batch["fused_ids"], batch["query_mask"], batch["output_mask"])
+    return vision, vlm.compressor(vision, batch["crop_to_sample"], batch["fused_ids"], batch["query_mask"], batch["output_mask"])
 
 
 def views_of(vision, batch, b):
@@ -162,7 +163,7 @@ def test_resampler_equals_attention_by_hand_over_its_own_sample():
     batch = build_batch(SAMPLES)
     with torch.no_grad():
         vision, out = compress(vlm, batch)
-        expected = torch.cat([resampler_by_hand(vlm.fused, views_of(vision, batch, b), n, vlm.cfg.fused_eps)
+        expected = torch.cat([resampler_by_hand(vlm.compressor, views_of(vision, batch, b), n, vlm.cfg.fused_eps)
                               for b, n in SLOTS])
         assert torch.allclose(out, expected, atol=1e-5)
         # question-blind, per sample: other questions and another image for sample 0 leave sample 1's outputs alone
@@ -195,7 +196,7 @@ def test_gradients_reach_the_compressor_and_the_vision_tower(compressor):
     frozen = {"vision.separator"} if compressor != "fused" else set()  # only the fused model reads it
     trainable = {n: p for n, p in vlm.named_parameters() if not n.startswith("llm.")}
     assert {n for n, p in trainable.items() if not p.requires_grad} == frozen
-    assert any(n.startswith("fused.") for n in trainable) == (compressor != "pool")
+    assert any(n.startswith("compressor.") for n in trainable) == (compressor != "pool")
     for name, p in trainable.items():
         if name not in frozen:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} gets no gradient"
@@ -239,19 +240,19 @@ def test_train_gen_checkpoint_records_its_compressor_and_evaluate_rebuilds_it(co
     script = run("train_gen.py", monkeypatch, argv(synthetic_world, out, f"--compressor={compressor}",
                                                    f"--init_from={align_ckpt}"))
     assert f"compressor={compressor}: {align_ckpt} holds a fused model; only its vision tower is taken" in capsys.readouterr().out
-    weights, meta = ev.read_checkpoint(str(out / "ckpt.safetensors"))
+    weights, meta = read_gen_checkpoint(str(out / "ckpt.safetensors"))
     assert meta["model_config"]["compressor"] == compressor
     model_cfg = FusedVLMConfig.from_dict(meta["model_config"])
     trained = script["raw_model"].eval()
-    rebuilt = ev.build_vlm(model_cfg, weights, trained.llm, str(out), torch.device("cpu"), torch.float32)
-    assert type(rebuilt.fused) is type(trained.fused)
+    rebuilt = inference_vlm(model_cfg, weights, trained.llm, str(out), torch.device("cpu"), torch.float32)
+    assert type(rebuilt.compressor) is type(trained.compressor)
     batch = collate([script["dataset"][i] for i in range(3)])
     with torch.no_grad():
         assert torch.equal(rebuilt.fused_tokens(batch), trained.fused_tokens(batch))
     ts_cfg, variant = ev.run_settings(ev.Config(), meta, model_cfg, str(out))
     assert variant == compressor
     with pytest.raises(SystemExit, match="drop_question=True is the fused model's VQ ablation"):
-        ev.run_settings(ev.Config(drop_question="True"), meta, model_cfg, str(out))
+        ev.run_settings(ev.Config(drop_question=True), meta, model_cfg, str(out))
 
     # another compressor takes only this checkpoint's vision tower (lr 0: nothing moves); resume refuses it
     other = "resampler" if compressor == "pool" else "fused"
@@ -261,8 +262,8 @@ def test_train_gen_checkpoint_records_its_compressor_and_evaluate_rebuilds_it(co
     assert all(torch.equal(vision[k], v) for k, v in trained.vision.state_dict().items())
     torch.manual_seed(swapped["cfg"].seed)
     fresh = FusedVLM(swapped["model_cfg"], llm=trained.llm)
-    for k, v in [*fresh.fused.state_dict().items(), ("weight", fresh.bridge.weight)]:
-        part = swapped["raw_model"].bridge if k == "weight" else swapped["raw_model"].fused
+    for k, v in [*fresh.compressor.state_dict().items(), ("weight", fresh.bridge.weight)]:
+        part = swapped["raw_model"].bridge if k == "weight" else swapped["raw_model"].compressor
         assert torch.equal(part.state_dict()[k], v), k
     with pytest.raises(SystemExit, match=f"model config differs.*'compressor': \\('{compressor}', '{other}'\\)"):
         run("train_gen.py", monkeypatch, argv(synthetic_world, out, f"--compressor={other}", "--resume=True"))
@@ -277,8 +278,8 @@ def test_stage1_vision_tower_is_taken_by_another_compressor(synthetic_world, ali
     assert all(torch.equal(vision[k[len("model.vision."):]], v) for k, v in stage1.items())
     torch.manual_seed(script["cfg"].seed)
     fresh = FusedVLM(script["model_cfg"], llm=script["raw_model"].llm)
-    for k, v in fresh.fused.state_dict().items():
-        assert torch.equal(script["raw_model"].fused.state_dict()[k], v), k
+    for k, v in fresh.compressor.state_dict().items():
+        assert torch.equal(script["raw_model"].compressor.state_dict()[k], v), k
 
 
 def test_drop_question_with_a_question_blind_compressor_is_refused(synthetic_world, tmp_path, monkeypatch):

@@ -26,8 +26,10 @@ from transformers import LlamaForCausalLM, LlamaModel
 from transformers.utils import logging as hf_logging
 
 import convert_authors
+from backbones import Llama
+from checkpoint import load_checkpoint, load_trainable
 from fusion import DEFAULT_SYSTEM_PROMPT, TokenSpace, TokenSpaceConfig, collate
-from model import FusedVLM, FusedVLMConfig, Llama, load_checkpoint, load_trainable
+from model import FusedVLM, FusedVLMConfig
 
 hf_logging.set_verbosity_error()
 
@@ -222,10 +224,10 @@ def test_config_and_meta_read_from_their_config(converted):
     assert cfg.n_queries == N_PLACEHOLDERS
     assert meta["llama_path"] == os.path.abspath(out / "llama") and (out / "llama/tokenizer.model").is_file()
     # the planted rows: query j is the embedding row of <|placeholder_qed_j|>
-    tensors, _ = load_checkpoint(os.path.join(out, "ckpt.safetensors"), prefix="model.fused.queries")
+    tensors, _ = load_checkpoint(os.path.join(out, "ckpt.safetensors"), prefix="model.compressor.queries")
     table = ref["fused"].embed_tokens.weight
     row = ref["clip_tok"].convert_tokens_to_ids("<|placeholder_qed_5|>")
-    assert torch.equal(tensors["model.fused.queries"][5], table[row])
+    assert torch.equal(tensors["model.compressor.queries"][5], table[row])
 
 
 def test_reads_transformers4_tokenizer_layout(converted, tmp_path):

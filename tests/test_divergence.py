@@ -19,7 +19,9 @@ from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
 from divergence import (CSV_COLUMNS, Accumulator, BadInput, Config, branch_statistics, fit_lambda, image_pair, main,
                         read_pairs, text_pair, tokenize_pair)
-from model import FusedVLM, FusedVLMConfig, LlamaConfig, ViTConfig, save_checkpoint
+from backbones import LlamaConfig, ViTConfig
+from checkpoint import save_checkpoint
+from model import FusedVLM, FusedVLMConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SQ = math.sqrt(0.5)

@@ -1,5 +1,5 @@
-"""benchmarks.py's file handling: VLMEvalKit TSVs (images, references, options, hints, list answers), prompts,
-predictions JSONL, results.csv and the --score_only command line, bad input included."""
+"""The files of evaluation: VLMEvalKit TSVs (benchmarks.py: images, references, options, hints, list answers), prompts,
+predictions JSONL and results.csv (predictions.py), and the --score_only command line, bad input included."""
 import base64
 import csv
 import io
@@ -12,6 +12,7 @@ from PIL import Image
 
 import benchmarks as bm
 import evaluate as ev
+from predictions import RESULTS_HEADER, append_results, read_predictions
 
 
 def encode(image, fmt="PNG"):
@@ -218,7 +219,7 @@ def test_max_new_tokens_table():
 def test_read_predictions_matches_int_and_string_indices(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", ['{"index": 7, "prediction": "A"}', "",
                                               '{"index": "008", "prediction": " B "}'])
-    assert bm.read_predictions(path) == {"7": "A", "8": " B "}
+    assert read_predictions(path) == {"7": "A", "8": " B "}
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -235,7 +236,7 @@ def test_read_predictions_matches_int_and_string_indices(tmp_path):
 def test_bad_predictions_files(tmp_path, lines, message):
     path = write_jsonl(tmp_path / "p.jsonl", lines)
     with pytest.raises(ValueError, match=message):
-        bm.read_predictions(path)
+        read_predictions(path)
 
 
 def test_score_refuses_partial_or_foreign_predictions(tmp_path):
@@ -252,8 +253,8 @@ def test_score_refuses_partial_or_foreign_predictions(tmp_path):
 
 def test_append_results_writes_and_checks_the_header(tmp_path):
     path = str(tmp_path / "sub" / "results.csv")
-    bm.append_results(path, "VQQ", "POPE", 64, 8, {"Overall": 81.25, "acc": 80.0}, "ckpt.safetensors", 16)
-    bm.append_results(path, "VQQ", "MME", 64, 8, {"Overall": 1234.5}, "ckpt.safetensors", 2374)
+    append_results(path, "VQQ", "POPE", 64, 8, {"Overall": 81.25, "acc": 80.0}, "ckpt.safetensors", 16)
+    append_results(path, "VQQ", "MME", 64, 8, {"Overall": 1234.5}, "ckpt.safetensors", 2374)
     with open(path, newline="") as f:
         assert list(csv.reader(f)) == [
             ["variant", "benchmark", "metric", "n_l", "n_s", "score", "ckpt", "n_samples"],
@@ -263,7 +264,7 @@ def test_append_results_writes_and_checks_the_header(tmp_path):
     other = tmp_path / "other.csv"
     other.write_text("variant,benchmark,metric,n_l,n_s,score\n")
     with pytest.raises(ValueError, match="other.csv: header"):
-        bm.append_results(str(other), "VQQ", "POPE", 64, 8, {"Overall": 1.0}, "", 1)
+        append_results(str(other), "VQQ", "POPE", 64, 8, {"Overall": 1.0}, "", 1)
 
 
 def test_score_only_command_line(tmp_path, capsys):
@@ -283,7 +284,7 @@ def test_score_only_command_line(tmp_path, capsys):
                 ["VQQ", "SYNTH_MCQ", "category:colour", "16", "8", "100", "", "3"],
                 ["VQQ", "SYNTH_MCQ", "category:count", "16", "8", "50", "", "3"]]
     with open(out_dir / "results.csv", newline="") as f:
-        assert list(csv.reader(f)) == [bm.RESULTS_HEADER] + expected + expected
+        assert list(csv.reader(f)) == [RESULTS_HEADER] + expected + expected
     printed = capsys.readouterr().out
     assert "SYNTH_MCQ: 3 samples" in printed and "66.6667" in printed
 

@@ -22,8 +22,10 @@ from transformers import CLIPTokenizer
 
 import bench
 import evaluate as ev
+from backbones import Llama, ViT
+from checkpoint import save_checkpoint
 from fusion import DEFAULT_SYSTEM_PROMPT, TokenSpace, TokenSpaceConfig, collate
-from model import FusedVLM, FusedVLMConfig, Llama, ViT, save_checkpoint
+from model import FusedVLM, FusedVLMConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SYNTH = ["SYNTH_YORN", "SYNTH_MCQ", "SYNTH_VQA", "SYNTH_CAPTION"]
@@ -218,7 +220,7 @@ def test_drop_question_removes_the_question_from_the_fused_input_only(world, che
         seen[flag] = batch
         questions = [r["question"] for r in tsv_rows(world, "SYNTH_YORN")]
         for b, question in enumerate(questions):
-            fused = batch["fused_ids"][b][batch["fused_attention_mask"][b]].tolist()
+            fused = batch["fused_ids"][b][batch["fused_real_mask"][b]].tolist()
             text = [] if flag == "True" else clip(question, add_special_tokens=False).input_ids
             assert fused == text + queries
             assert batch["query_mask"][b].sum() == 15 and batch["output_mask"][b].sum() == 16

@@ -12,7 +12,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import FusedVLM, FusedVLMConfig, LlamaConfig, ViTConfig, train_flops
+from backbones import LlamaConfig, ViTConfig
+from model import FusedVLM, FusedVLMConfig, train_flops
 
 EOS, SLOT = 63, 0
 
@@ -32,7 +33,7 @@ def make_batch(samples):
     batch = dict(pixel_values=torch.randn(sum(s[0] for s in samples), 3, 28, 28),
                  crop_to_sample=torch.cat([torch.full((k,), b) for b, (k, *_) in enumerate(samples)]),
                  fused_ids=torch.zeros(B, Lq, dtype=torch.long), query_mask=torch.zeros(B, Lq, dtype=torch.bool),
-                 output_mask=torch.zeros(B, Lq, dtype=torch.bool), fused_attention_mask=torch.zeros(B, Lq, dtype=torch.bool),
+                 output_mask=torch.zeros(B, Lq, dtype=torch.bool), fused_real_mask=torch.zeros(B, Lq, dtype=torch.bool),
                  input_ids=torch.zeros(B, L, dtype=torch.long), slot_mask=torch.zeros(B, L, dtype=torch.bool),
                  labels=torch.full((B, L), -100), attention_mask=torch.zeros(B, L, dtype=torch.bool))
     for b, (_, q, n, m) in enumerate(samples):
@@ -41,7 +42,7 @@ def make_batch(samples):
         batch["fused_ids"][b, q + n - 1] = EOS
         batch["query_mask"][b, q:q + n - 1] = True
         batch["output_mask"][b, q:q + n] = True
-        batch["fused_attention_mask"][b, :q + n] = True
+        batch["fused_real_mask"][b, :q + n] = True
         batch["input_ids"][b, :m] = torch.randint(3, 128, (m,))
         batch["input_ids"][b, 2:2 + n] = SLOT
         batch["slot_mask"][b, 2:2 + n] = True

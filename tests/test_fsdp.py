@@ -18,8 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backbones import Llama
+from checkpoint import load_checkpoint, trained_vlm
 from fusion import TokenSpace, TokenSpaceConfig, collate, load_image, parse_record
-from model import FusedVLM, FusedVLMConfig, Llama, load_checkpoint
+from model import FusedVLMConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 10
@@ -125,7 +127,7 @@ def val_loss_by_hand(ckpt_dir, world, roll_in_batches_of=None):
     each conversation the image of the next one in its batch of B (file order; a batch of one keeps its own)."""
     data_dir, val = world
     tensors, meta = load_checkpoint(str(ckpt_dir))
-    vlm = FusedVLM.from_pretrained(FusedVLMConfig.from_dict(meta["model_config"]),
+    vlm = trained_vlm(FusedVLMConfig.from_dict(meta["model_config"]),
                                    {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
                                    Llama.from_hf(str(data_dir / "llama")), str(ckpt_dir)).eval()
     space = TokenSpace(TokenSpaceConfig(clip_path=str(data_dir / "clip"), llama_path=str(data_dir / "llama"),

@@ -455,14 +455,14 @@ def test_collate_right_padding(make_space, draw_image):
             assert (row[len(s[key]):] == pad).all()
     assert b["attention_mask"].sum(1).tolist() == [len(s["input_ids"]) for s in samples]
     assert b["attention_mask"][0, :len(samples[0]["input_ids"])].all()
-    assert b["fused_attention_mask"].sum(1).tolist() == [len(s["fused_ids"]) for s in samples]
+    assert b["fused_real_mask"].sum(1).tolist() == [len(s["fused_ids"]) for s in samples]
     assert b["output_mask"].sum(1).tolist() == b["slot_mask"].sum(1).tolist() == [3, 3 + 2]
     assert b["answer_ids"].shape[0] == 3  # one row per turn, row-major
     assert b["answer_attention_mask"].sum(1).tolist() == [len(a) for s in samples for a in s["answer_ids"]]
     for row, mask, a in zip(b["answer_ids"], b["answer_attention_mask"], [a for s in samples for a in s["answer_ids"]]):
         assert row[mask].tolist() == a.tolist()
     assert b["input_ids"].dtype == b["labels"].dtype == b["fused_ids"].dtype == torch.long
-    assert all(b[k].dtype == torch.bool for k in ("query_mask", "output_mask", "fused_attention_mask", "slot_mask",
+    assert all(b[k].dtype == torch.bool for k in ("query_mask", "output_mask", "fused_real_mask", "slot_mask",
                                                    "attention_mask", "answer_attention_mask"))
 
 
@@ -476,6 +476,6 @@ def test_collate_left_padding_for_generation(make_space, draw_image):
         assert row[length - n:].tolist() == s["input_ids"].tolist()
         assert mask.tolist() == [False] * (length - n) + [True] * n
         assert slots[length - n:].tolist() == s["slot_mask"].tolist()
-    assert b["fused_attention_mask"][:, 0].all()  # the fused side stays right-padded
+    assert b["fused_real_mask"][:, 0].all()  # the fused side stays right-padded
     assert b["output_mask"].sum() == b["slot_mask"].sum() == 6
     assert b["answer_ids"].shape == (0, 0)

@@ -40,7 +40,7 @@ def write_split(folder, split, n, seed, draw_image):
 def teach_reader(world, out, steps=120, batch_size=32):
     """Stage 0 in miniature: the random LLM learns to answer QUESTION with the colour word put in the slots' place."""
     from fusion import IGNORE, TokenSpace, TokenSpaceConfig
-    from model import Llama
+    from backbones import Llama
 
     token_space = TokenSpace(TokenSpaceConfig(clip_path=str(world / "clip"), llama_path=str(world / "llama"), n_l=1, n_s=1))
     llm = Llama.from_hf(str(world / "llama"))

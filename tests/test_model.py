@@ -1,6 +1,7 @@
-"""Tests of model.py: parity with transformers, parameter counts of the paper config, gradients, loading errors.
+"""Tests of backbones.py and model.py: parity with transformers, parameter counts of the paper config, gradients,
+loading errors, and checkpoint.py rebuilding a trained model.
 
-Every reference is independent of model.py: a transformers model saved to a folder the test writes, a formula,
+Every reference is independent of the code under test: a transformers model saved to a folder the test writes, a formula,
 a planted weight, or torch.nn.functional computed here.
 """
 import json
@@ -18,7 +19,9 @@ from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMod
                           HFLlamaConfig, LlamaForCausalLM)
 from transformers.utils import logging as hf_logging
 
-from model import CLIPText, FusedVLM, FusedVLMConfig, Llama, LlamaConfig, ViT, ViTConfig, VisionTower
+from backbones import CLIPText, Llama, LlamaConfig, ViT, ViTConfig
+from checkpoint import trained_vlm
+from model import FusedVLM, FusedVLMConfig, VisionTower
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -381,8 +384,8 @@ def test_paper_config_parameter_counts_and_shapes():
     # fused model: 12 Llama blocks at width 1280 (20 heads, SwiGLU 5120), RMSNorm, CLIP BPE embedding, query table
     fused_block = 4 * d * d + 3 * d * 5120 + 2 * d
     fused_expected = 49408 * d + 767 * d + 12 * fused_block + d
-    assert count(vlm.fused) == fused_expected
-    assert any(p.shape == (767, d) for p in vlm.fused.parameters())
+    assert count(vlm.compressor) == fused_expected
+    assert any(p.shape == (767, d) for p in vlm.compressor.parameters())
 
     assert count(vlm.bridge) == d * 4096
 
@@ -447,7 +450,7 @@ def collate(samples):
         fused_ids=pad([[t for t, _, _ in s["fused"]] for s in samples], 0, torch.long),
         query_mask=pad([[q for _, q, _ in s["fused"]] for s in samples], False, torch.bool),
         output_mask=pad([[o for _, _, o in s["fused"]] for s in samples], False, torch.bool),
-        fused_attention_mask=pad([[True] * len(s["fused"]) for s in samples], False, torch.bool),
+        fused_real_mask=pad([[True] * len(s["fused"]) for s in samples], False, torch.bool),
         input_ids=pad([[t for t, _, _ in s["llm"]] for s in samples], 0, torch.long),
         slot_mask=pad([[slot for _, slot, _ in s["llm"]] for s in samples], False, torch.bool),
         labels=pad([[t if label else -100 for t, _, label in s["llm"]] for s in samples], -100, torch.long),
@@ -479,7 +482,7 @@ def test_fused_vlm_gradients_and_loss(tiny_vlm):
 
     for name, p in vlm.llm.named_parameters():
         assert not p.requires_grad and p.grad is None, f"frozen LLM parameter {name} has a gradient"
-    trainable = {f"{part}.{name}": p for part in ("vision", "fused", "bridge")
+    trainable = {f"{part}.{name}": p for part in ("vision", "compressor", "bridge")
                  for name, p in getattr(vlm, part).named_parameters()}
     assert trainable
     for name, p in trainable.items():
@@ -615,9 +618,9 @@ def test_missing_folder_is_named(tmp_path, loader):
 def test_from_pretrained_rebuilds_the_trained_model_and_refuses_another_llm(tiny_vlm):
     batch = collate(SAMPLES)
     weights = {k: v.clone() for k, v in tiny_vlm.trainable_state_dict().items()}
-    rebuilt = FusedVLM.from_pretrained(tiny_vlm.cfg, weights, tiny_vlm.llm, "ckpt.safetensors")
+    rebuilt = trained_vlm(tiny_vlm.cfg, weights, tiny_vlm.llm, "ckpt.safetensors")
     with torch.no_grad():
         assert max_diff(rebuilt(batch)[0], tiny_vlm(batch)[0]) == 0.0
     other = Llama(LlamaConfig(vocab_size=128, dim=48, layers=1, heads=4, kv_heads=2, mlp=96))
     with pytest.raises(ValueError, match="ckpt.safetensors: trained with the LLM"):
-        FusedVLM.from_pretrained(tiny_vlm.cfg, weights, other, "ckpt.safetensors")
+        trained_vlm(tiny_vlm.cfg, weights, other, "ckpt.safetensors")

@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT / "data" / "synthetic"))
 
 import pretrain_clip  # noqa: E402
 import pretrain_llm  # noqa: E402
+from backbones import Llama, ViT  # noqa: E402
 from conftest import SYSTEM_PROMPT  # noqa: E402
-from model import ViT, Llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")

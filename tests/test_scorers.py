@@ -1,4 +1,4 @@
-"""Scorers of benchmarks.py against hand-worked values (the arithmetic is in the comments), including VLMEvalKit's
+"""The scorers (scorers.py, through benchmarks.py) against hand-worked values (the arithmetic is in the comments), including VLMEvalKit's
 edge cases kept on purpose. Tiny TSVs are written to tmp_path; only the first row carries an image, the
 others point at it by index, as MME and POPE do."""
 import base64
@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import benchmarks as bm
+import scorers
 
 
 def png_b64(color=(200, 30, 30)):
@@ -49,7 +50,7 @@ def score(name, rows, predictions):
     ("", None),
 ])
 def test_yes_no_extraction(prediction, expected):
-    assert bm.extract_yes_no(prediction) == expected
+    assert scorers.extract_yes_no(prediction) == expected
 
 
 def test_pope_exploded_splits_and_unknown_as_negative(tmp_path):
@@ -194,12 +195,12 @@ def test_hallusion_index_must_carry_set_figure_question(tmp_path):
 ])
 def test_option_extraction(prediction, expected):
     options = {"A": "cat", "B": "dog", "C": "red car", "D": "blue", "E": "red"}
-    assert bm.extract_option(prediction, options) == expected
+    assert scorers.extract_option(prediction, options) == expected
 
 
 def test_option_extraction_ignores_letters_that_are_not_options():
     # "C" is not an option of a 2-option row: no letter found, and "c" holds neither option text
-    assert bm.extract_option("C", {"A": "yes", "B": "no"}) is None
+    assert scorers.extract_option("C", {"A": "yes", "B": "no"}) is None
 
 
 def test_mcq_score(tmp_path):
@@ -242,7 +243,7 @@ def test_mcq_score(tmp_path):
     ("  yes\n", "yes"),
 ])
 def test_vqa_normalisation(text, expected):
-    assert bm.normalize_vqa_answer(text) == expected
+    assert scorers.normalize_vqa_answer(text) == expected
 
 
 @pytest.mark.parametrize("k, expected", [
@@ -254,11 +255,11 @@ def test_vqa_normalisation(text, expected):
 ])
 def test_vqa_accuracy_leave_one_out(k, expected):
     answers = ["Two"] * k + ["three"] * (10 - k)
-    assert bm.vqa_accuracy("2", answers) == pytest.approx(expected)
+    assert scorers.vqa_accuracy("2", answers) == pytest.approx(expected)
 
 
 def test_vqa_accuracy_single_reference_scores_zero():
-    assert bm.vqa_accuracy("cat", ["cat"]) == 0.0
+    assert scorers.vqa_accuracy("cat", ["cat"]) == 0.0
 
 
 def test_textvqa_score(tmp_path):
@@ -279,7 +280,7 @@ def test_textvqa_score(tmp_path):
     ("Yes.", "Yes", 0.0),                 # punctuation does
 ])
 def test_ocrvqa_exact_match(prediction, answer, expected):
-    assert bm.exact_match(prediction, [answer]) == expected
+    assert scorers.exact_match(prediction, [answer]) == expected
 
 
 @pytest.mark.parametrize("prediction, answer, expected", [
@@ -298,7 +299,7 @@ def test_ocrvqa_exact_match(prediction, answer, expected):
     ("YES", "yes", 1.0),
 ])
 def test_chartqa_relaxed_accuracy(prediction, answer, expected):
-    assert bm.relaxed_accuracy(prediction, [answer]) == expected
+    assert scorers.relaxed_accuracy(prediction, [answer]) == expected
 
 
 def test_chartqa_score_per_split(tmp_path):
@@ -320,28 +321,28 @@ def test_chartqa_score_per_split(tmp_path):
     ("NEW\nYORK", ["new york"], "Scene Text-centric VQA", True),               # newline -> space
     ("10", ["1"], "Scene Text-centric VQA", True),                              # lenient: "1" is in "10"
     ("London", ["Paris"], "Scene Text-centric VQA", False),
-    ("x ^ { 2 }", ["x^{2}"], bm.OCRBENCH_HMER, True),                          # formulas: spaces removed
-    ("X^{2}", ["x^{2}"], bm.OCRBENCH_HMER, False),                             # ... but case kept
+    ("x ^ { 2 }", ["x^{2}"], scorers.OCRBENCH_HMER, True),                          # formulas: spaces removed
+    ("X^{2}", ["x^{2}"], scorers.OCRBENCH_HMER, False),                             # ... but case kept
 ])
 def test_ocrbench_hit(prediction, answers, category, hit):
-    assert bm.ocrbench_hit(prediction, answers, category) == hit
+    assert scorers.ocrbench_hit(prediction, answers, category) == hit
 
 
 def test_ocrbench_score(tmp_path):
     records = [
         dict(index=1, question="q", answer="['Hello']", category="Regular Text Recognition"),
-        dict(index=2, question="q", answer="['x^{2}']", category=bm.OCRBENCH_HMER),
+        dict(index=2, question="q", answer="['x^{2}']", category=scorers.OCRBENCH_HMER),
         dict(index=3, question="q", answer="['new york']", category="Scene Text-centric VQA"),
         dict(index=4, question="q", answer="['cat', 'cats']", category="Regular Text Recognition"),
         dict(index=5, question="q", answer="['Paris']", category="Scene Text-centric VQA"),
-        dict(index=6, question="q", answer="['x^{2}']", category=bm.OCRBENCH_HMER),
+        dict(index=6, question="q", answer="['x^{2}']", category=scorers.OCRBENCH_HMER),
     ]
     predictions = ["HELLO", "x ^ {2}", "New\nYork", "cats", "London", "X^{2}"]
     got = score("OCRBench", load(tmp_path, "OCRBench", records), predictions)
     # hits: rows 1, 2, 3 and 4 (both "cat" and "cats" match row 4, it still counts once) -> 4
     assert got["Final Score"] == 4
     assert got["category:Regular Text Recognition"] == 2
-    assert got[f"category:{bm.OCRBENCH_HMER}"] == 1
+    assert got[f"category:{scorers.OCRBENCH_HMER}"] == 1
     assert got["category:Scene Text-centric VQA"] == 1
 
 
@@ -355,14 +356,14 @@ def test_bleu_corpus_with_smoothing_and_brevity():
     # p1 = p2 = 1 (up to 1e-9); p3 = p4 = 1e-15/1e-9 = 1e-6
     # BLEU-3 = (1 * 1 * 1e-6)^(1/3) * BP = 0.01 BP; BLEU-4 = (1e-12)^(1/4) * BP = 0.001 BP
     bp = math.exp(1 - 4 / 3)
-    got = bm.bleu(["a b", "c"], [["a b"], ["c d"]])
+    got = scorers.bleu(["a b", "c"], [["a b"], ["c d"]])
     assert got == pytest.approx([bp, bp, 0.01 * bp, 0.001 * bp], rel=1e-6)
 
 
 def test_bleu_closest_reference_tie_goes_to_the_shorter():
     # hypothesis of 3 words; references of 2 and 4 words are equally close -> reflen 2 -> ratio 1.5, no penalty
     # (with 4, BP would be exp(1 - 4/3)). Precisions 3/3, 2/2, 1/1 (all n-grams in "a b c d"), p4 = 1e-15/1e-9
-    got = bm.bleu(["a b c"], [["a b", "a b c d"]])
+    got = scorers.bleu(["a b c"], [["a b", "a b c d"]])
     assert got[0] == pytest.approx(1.0)
     assert got[3] == pytest.approx((1e-6) ** 0.25, rel=1e-6)
 
@@ -370,7 +371,7 @@ def test_bleu_closest_reference_tie_goes_to_the_shorter():
 def test_bleu_counts_are_clipped_per_reference_and_case_sensitive():
     # "the the the" vs refs "the cat", "The the": max count of "the" in one ref is 1 -> p1 = 1/3; raw strings, so
     # "The" is another word. reflen: refs are 2 and 2 -> 2, ratio 3/2, no penalty
-    got = bm.bleu(["the the the"], [["the cat", "The the"]])
+    got = scorers.bleu(["the the the"], [["the cat", "The the"]])
     assert got[0] == pytest.approx(1 / 3)
 
 
@@ -378,11 +379,11 @@ def test_rouge_l():
     # refs "the cat": LCS 2, p 2/3, r 1;  "a cat sat down": LCS 2 ("cat sat"), p 2/3, r 2/4
     # P = 2/3, R = 1 -> (1 + 1.44) * (2/3) * 1 / (1 + 1.44 * 2/3) = 1.626667 / 1.96
     expected = 2.44 * (2 / 3) / (1 + 1.44 * 2 / 3)
-    assert bm.rouge_l("the cat sat", ["the cat", "a cat sat down"]) == pytest.approx(expected)
+    assert scorers.rouge_l("the cat sat", ["the cat", "a cat sat down"]) == pytest.approx(expected)
     # tokens are split on single spaces: "a  b" is ["a", "", "b"], so P = 2/3, R = 1 again (split() would give 1.0)
-    assert bm.rouge_l("a  b", ["a b"]) == pytest.approx(expected)
-    assert bm.rouge_l("a\nb", ["a b"]) == 0.0  # a newline does not split
-    assert bm.rouge_l("x y", ["a b"]) == 0.0
+    assert scorers.rouge_l("a  b", ["a b"]) == pytest.approx(expected)
+    assert scorers.rouge_l("a\nb", ["a b"]) == 0.0  # a newline does not split
+    assert scorers.rouge_l("x y", ["a b"]) == 0.0
 
 
 def test_cider_d_two_images():
@@ -391,7 +392,7 @@ def test_cider_d_two_images():
     # image 2: "c" vs "c d": n = 1 cosine ln2^2 / (ln2 * sqrt(2) ln2) = 1/sqrt 2; n = 2: no hypothesis bigram -> 0
     #   lengths in bigrams 0 and 1 -> penalty exp(-1/72) -> 10 * (1/sqrt 2) exp(-1/72) / 4
     image2 = 10 * math.exp(-1 / 72) / (4 * math.sqrt(2))
-    assert bm.cider_d(["a b", "c"], [["a b"], ["c d"]]) == pytest.approx((5 + image2) / 2)
+    assert scorers.cider_d(["a b", "c"], [["a b"], ["c d"]]) == pytest.approx((5 + image2) / 2)
 
 
 def test_cider_d_clipping_unseen_ngrams_and_length_penalty():
@@ -403,13 +404,13 @@ def test_cider_d_clipping_unseen_ngrams_and_length_penalty():
     # lengths (bigrams) 3 and 1 -> penalty exp(-4/72); image 1 = 10 * (1/2 + 1/sqrt5) / 4 * exp(-4/72)
     # image 2: identical 2-word caption -> 10 * 2/4 = 5
     image1 = 10 * (0.5 + 1 / math.sqrt(5)) / 4 * math.exp(-4 / 72)
-    assert bm.cider_d(["a b a b", "c d"], [["a b"], ["c d"]]) == pytest.approx((image1 + 5) / 2)
+    assert scorers.cider_d(["a b a b", "c d"], [["a b"], ["c d"]]) == pytest.approx((image1 + 5) / 2)
 
 
 def test_cider_d_one_image_corpus_is_zero_and_three_words_reach_only_7_5():
-    assert bm.cider_d(["a cat sat"], [["a cat sat"]]) == 0.0  # idf = ln 1 - ln 1 = 0
+    assert scorers.cider_d(["a cat sat"], [["a cat sat"]]) == 0.0  # idf = ln 1 - ln 1 = 0
     # with a second, disjoint image: identical 3-word captions have cosines 1, 1, 1, 0 -> 10 * 3/4
-    assert bm.cider_d(["a cat sat", "x y z"], [["a cat sat"], ["x y z"]]) == pytest.approx(7.5)
+    assert scorers.cider_d(["a cat sat", "x y z"], [["a cat sat"], ["x y z"]]) == pytest.approx(7.5)
 
 
 def test_coco_score_from_tsv(tmp_path):

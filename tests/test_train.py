@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from backbones import Llama
+from checkpoint import load_checkpoint
 from fusion import collate
-from model import Llama, load_checkpoint
 from training import configure_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,9 +136,9 @@ def test_gen_loss_falls_llm_frozen_and_not_saved(gen_run, align_run, data_dir):
     assert not [k for k in tensors if k.startswith(("model.llm.", "optim.llm."))]
     assert meta["step"] == STEPS and meta["stage"] == "gen"
     stage1, _ = load_checkpoint(str(align_run[1] / "ckpt.safetensors"), prefix="model.")
-    trained = model.fused.layers[0].self_attn.q_proj.weight.detach()
-    assert not torch.equal(stage1["model.fused.layers.0.self_attn.q_proj.weight"], trained)  # training did move it
-    assert torch.equal(tensors["model.fused.layers.0.self_attn.q_proj.weight"], trained)
+    trained = model.compressor.layers[0].self_attn.q_proj.weight.detach()
+    assert not torch.equal(stage1["model.compressor.layers.0.self_attn.q_proj.weight"], trained)  # training did move it
+    assert torch.equal(tensors["model.compressor.layers.0.self_attn.q_proj.weight"], trained)
 
 
 def test_gen_resume_equals_uninterrupted(gen_run, align_run, data_dir, tmp_path, monkeypatch):
