@@ -3,7 +3,7 @@ An estimate, not a measurement: GPU memory per process of stage-2 training (trai
 Llama-2-7B/13B/70B behind the CLIP ViT-H/14 or ViT-L/14 tower at 336 px, from parameter counts of our modules built
 on the meta device (nothing is allocated, nothing downloaded).
 
-    python memory.py                         # the README's table: 8 GPUs, 5 conversations of 17 crops per GPU
+    python memory.py                         # docs/training.md's table: 8 GPUs, 5 conversations of 17 crops per GPU
     python memory.py --gpus=16 --llm_tokens=2048
 
 Per GPU, DDP holds the frozen LLM in bf16 (2 bytes a weight) and the trainable parts in fp32 with their gradients
