@@ -24,13 +24,13 @@ from dataclasses import asdict
 from functools import partial
 
 import numpy as np
+from safetensors import safe_open
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
-from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
 
 from checkpoint import local
