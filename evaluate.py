@@ -144,7 +144,6 @@ def predict(vlm, token_space, todo, part_path, max_new_tokens, cfg, device, dtyp
     part_path batch by batch. Returns the number of samples generated."""
     batches = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)][rank::world_size]
     mine = sum(len(chunk) for chunk in batches)
-    specials = {token_space.sp.unk_id(), token_space.sp.bos_id(), token_space.sp.eos_id()}
     t_start, new_tokens, done = time.time(), 0, 0
     with open(part_path, "a", encoding="utf-8") as f:
         for chunk in batches:
@@ -155,7 +154,7 @@ def predict(vlm, token_space, todo, part_path, max_new_tokens, cfg, device, dtyp
             answers = vlm.generate(batch, max_new_tokens=max_new_tokens, eos_token_id=token_space.eos,
                                    min_new_tokens=1)
             for row, ids in zip(chunk, answers):
-                text = token_space.sp.decode([t for t in ids if t not in specials]).strip()
+                text = token_space.tokenizer.decode(ids).strip()
                 f.write(json.dumps({"index": row.index, "prediction": text, "prompt": row.prompt},
                                    ensure_ascii=False) + "\n")
             f.flush()

@@ -61,7 +61,6 @@ def load(cfg, device, dtype):
 
 def chat(vlm, token_space, image, questions, max_new_tokens, device, dtype):
     """Greedy answers to the questions in turn, each asked after the earlier (question, answer) turns."""
-    specials = {token_space.sp.unk_id(), token_space.sp.bos_id(), token_space.sp.eos_id()}
     turns = []
     for question in questions:
         sample = token_space.make_sample(image, turns + [(question, None)])
@@ -70,7 +69,7 @@ def chat(vlm, token_space, image, questions, max_new_tokens, device, dtype):
         with torch.no_grad():
             (ids,) = vlm.generate(batch, max_new_tokens=max_new_tokens, eos_token_id=token_space.eos,
                                   min_new_tokens=1)
-        turns.append((question, token_space.sp.decode([t for t in ids if t not in specials]).strip()))
+        turns.append((question, token_space.tokenizer.decode(ids).strip()))
     return [answer for _, answer in turns]
 
 
