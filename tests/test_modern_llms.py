@@ -99,3 +99,13 @@ def test_fsdp_loads_a_qwen2_llm_into_shards(synthetic_world, llm_folders, tmp_pa
     monkeypatch.chdir(ROOT)
     runpy.run_path(str(ROOT / "train_gen.py"), run_name="__main__")
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+
+
+def test_the_llama3_recipe_is_the_papers_stage_2_with_another_llm():
+    def keys(name):
+        return {k: v for k, v in runpy.run_path(str(ROOT / "config" / name)).items()
+                if not k.startswith("_") and type(v).__name__ != "module"}
+    paper, llama3 = keys("paper_gen.py"), keys("llama3_gen.py")
+    changed = {k for k in llama3 if paper.get(k) != llama3[k]}
+    assert changed == {"out_dir", "llama_path", "chat_template"} and paper.keys() <= llama3.keys()
+    assert llama3["chat_template"] == "llama-3"
