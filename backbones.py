@@ -393,7 +393,7 @@ class Llama(nn.Module):
         shard: a function that shards the still empty (meta-device) model across ranks and allocates each rank's
         part (training.py's FSDP set-up); the weights are then read into the shards."""
         config = _read_config(path)
-        cfg = llama_config(config, path)
+        cfg = llama_config(config, f"{path}/config.json")
         llama = _build(Llama, cfg)
         if shard is not None:
             shard(llama.to(dtype or torch.float32))
@@ -423,11 +423,11 @@ class Llama(nn.Module):
 LLM_FAMILIES = ("llama", "mistral", "qwen2")  # config.json's model_type; Qwen2.5 is "qwen2", Llama-3.x "llama"
 
 
-def llama_config(config, path):
-    """Our LlamaConfig from an HF config.json dict. Every setting that would make transformers compute something
+def llama_config(config, where):
+    """Our LlamaConfig from an HF config.json dict (where: its name in messages). Every setting that would make transformers compute something
     Llama does not (another family, activation, bias, RoPE type, head size) is refused by name, never ignored."""
     def refuse(key):
-        raise ValueError(f"{path}/config.json: {key}={config.get(key)!r} is not supported (tokenspace runs "
+        raise ValueError(f"{where}: {key}={config.get(key)!r} is not supported (tokenspace runs "
                          f"{', '.join(LLM_FAMILIES)} exactly as transformers does, and nothing else)")
     family = config.get("model_type", "llama")
     if family not in LLM_FAMILIES:

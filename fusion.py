@@ -85,7 +85,7 @@ class TokenSpaceConfig:
                                     # lose trailing turns
     max_answer_tokens: int = 512    # CLIP tokens of one stage-1 answer row incl. EOS (the text tower's positions)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    chat_template: str = "llama-2"  # the LLM's conversation layout: one of CHAT_TEMPLATES
+    chat_template: str = "llama-2"  # the LLM's conversation layout: one of chat.CHAT_TEMPLATES
 
 
 # -----------------------------------------------------------------------------
