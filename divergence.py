@@ -21,7 +21,7 @@ Input: JSONL (or parquet, when pyarrow is installed) with either our rows {"pref
 is used as written) or Intel/orca_dpo_pairs rows {"system", "question", "chosen", "rejected"} (A = chosen,
 B = rejected; the prefix is turn 1 of the Llama-2 chat layout of fusion.py without the vision slots:
 "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n" | question | "[/INST]", just "[INST]" when system is empty).
-Every sequence is <s> + prefix + branch, each piece encoded on its own with SentencePiece (as fusion.py does), so
+Every sequence is bos + prefix + branch, each piece encoded on its own by the LLM's tokenizer (as fusion.py does), so
 A and B branch at the same token. Both branches are cut to the shorter one, to n_max and to max_seq_len; a pair
 adds to D(n) for each n it reaches (the `pairs` column).
 
@@ -58,7 +58,7 @@ from model import FusedVLMConfig
 class Config:
     out_dir: str = "out/divergence"
     data: str = ""          # JSONL/parquet of branch pairs (text mode) or of image pairs (vision mode)
-    llama_path: str = ""    # HF LlamaForCausalLM folder with tokenizer.model
+    llama_path: str = ""    # the LLM's HF folder (chat.py reads its tokenizer.model or tokenizer.json)
     layer: int = -1         # hidden_states index, HF convention
     normalize: bool = False  # unit-normalise the states first (then D^2 = 2 Upsilon exactly)
     n_max: int = 512        # longest branch looked at
