@@ -327,7 +327,8 @@ class Llama(nn.Module):
         B, T, _ = x.shape
         if self.cfg.sliding_window is not None and start + T > self.cfg.sliding_window:
             raise ValueError(f"a sequence of {start + T} tokens exceeds the LLM's sliding_window={self.cfg.sliding_window}; "
-                             f"within the window attention is full, beyond it tokenspace does not run (shorten max_seq_len)")
+                             f"within the window attention is full, beyond it tokenspace does not run "
+                             f"(shorten max_seq_len)")
         mask = None
         if attention_mask is not None or start > 0:
             keys = attention_mask.bool() if attention_mask is not None else torch.ones(B, start + T, dtype=torch.bool, device=x.device)
@@ -424,8 +425,9 @@ LLM_FAMILIES = ("llama", "mistral", "qwen2")  # config.json's model_type; Qwen2.
 
 
 def llama_config(config, where):
-    """Our LlamaConfig from an HF config.json dict (where: its name in messages). Every setting that would make transformers compute something
-    Llama does not (another family, activation, bias, RoPE type, head size) is refused by name, never ignored."""
+    """Our LlamaConfig from an HF config.json dict (where: its name in messages). Every setting that would make
+    transformers compute something Llama does not (another family, activation, bias, RoPE type, head size) is
+    refused by name, never ignored."""
     def refuse(key):
         raise ValueError(f"{where}: {key}={config.get(key)!r} is not supported (tokenspace runs "
                          f"{', '.join(LLM_FAMILIES)} exactly as transformers does, and nothing else)")

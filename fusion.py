@@ -19,8 +19,9 @@ Conversation -> the fused-model sequence (CLIP BPE vocabulary, no <|startoftext|
   n_1 = n_l, n_i = n_s for i > 1. Query slots hold the row of the learned query table (0 .. n_i - 2; later
   questions reuse the first n_s - 1 rows); the n_i - 1 slots and the EOS are the question's n_i outputs.
 
-Conversation -> the LLM sequence (Llama-2 chat; chat.py has the other layouts), each piece encoded on its own with the raw SentencePiece model
-(so each piece gets the dummy-prefix space, exactly as the authors' models were trained and evaluated):
+Conversation -> the LLM sequence (Llama-2 chat; chat.py has the other layouts), each piece encoded on its own with
+the raw SentencePiece model (so each piece gets the dummy-prefix space, exactly as the authors' models were trained
+and evaluated):
   turn 1:  <s> | "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n" | n_l slots | "{Q1}" | "[/INST]" | "{A1} " | </s>
   turn t:  <s> | "[INST]"                                | n_s slots | "{Qt}" | "[/INST]" | "{At} " | </s>
   <s> (1) and </s> (2) are control ids, never encoded text; slots hold the placeholder id 0 and are overwritten

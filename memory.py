@@ -1,7 +1,7 @@
 """
 An estimate, not a measurement: GPU memory per process of stage-2 training (train_gen.py) under DDP and FSDP, for
-Llama-2-7B/13B/70B and Llama-3.1-8B (config/llama3_gen.py) behind the CLIP ViT-H/14 or ViT-L/14 tower at 336 px, from parameter counts of our modules built
-on the meta device (nothing is allocated, nothing downloaded).
+Llama-2-7B/13B/70B and Llama-3.1-8B (config/llama3_gen.py) behind the CLIP ViT-H/14 or ViT-L/14 tower at 336 px,
+from parameter counts of our modules built on the meta device (nothing is allocated, nothing downloaded).
 
     python memory.py                         # docs/training.md's table: 8 GPUs, 5 conversations of 17 crops per GPU
     python memory.py --gpus=16 --llm_tokens=2048
