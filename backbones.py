@@ -3,12 +3,14 @@ The generic networks, nanoGPT style, each loading a Hugging Face folder with its
 
     ViT       CLIP's vision trunk (CLIPModel or CLIPVisionModel folder), position grid resizable
     CLIPText  CLIP's text tower, position table extendable (stage 1's alignment target)
-    Llama     the Llama decoder with an LM head and a KV cache (the frozen LLM; its block is also the fused model's)
+    Llama     the Llama decoder with an LM head and a KV cache (the frozen LLM; its block is also the fused model's),
+              from a Llama-2/3.x, Mistral or Qwen2/2.5 folder (the same architecture up to the options in LlamaConfig)
 
 Loading is strict: safetensors only (a pickle is refused, never opened), every expected key present, every shape
 equal. model.py builds the paper's model out of these; nothing here knows of it.
 """
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -58,6 +60,10 @@ class LlamaConfig:
     mlp: int = 11008
     eps: float = 1e-5
     rope_theta: float = 1e4
+    rope_scaling: dict | None = None    # Llama-3.1/3.2's "llama3" type: factor, low/high_freq_factor,
+                                        # original_max_position_embeddings
+    qkv_bias: bool = False              # Qwen2/2.5: biases on the q, k and v projections
+    sliding_window: int | None = None   # Mistral v0.1: longer sequences are refused (up to it, attention is full)
 
 
 # -----------------------------------------------------------------------------
@@ -234,13 +240,27 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def rope(positions, head_dim, theta):
+def rope(positions, head_dim, theta, scaling=None):
     """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T); computed each call, so there are
     no buffers and models can be built on the meta device and filled with assign=True."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    if scaling is not None:
+        inv_freq = llama3_scaled(inv_freq, **scaling)
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos(), angles.sin()
+
+
+def llama3_scaled(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama-3.1's long-context RoPE: wavelengths beyond the original context are stretched by factor, short ones
+    kept, those in between interpolated smoothly (transformers' _compute_llama3_parameters, step for step)."""
+    context = original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    stretched = torch.where(wavelength > context / low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * stretched / factor + smooth * stretched
+    medium = ~(wavelength < context / high_freq_factor) * ~(wavelength > context / low_freq_factor)
+    return torch.where(medium, smoothed, stretched)
 
 
 def apply_rope(x, cos, sin):  # HF's rotate-half layout, so HF weights load without permutation
@@ -249,12 +269,12 @@ def apply_rope(x, cos, sin):  # HF's rotate-half layout, so HF weights load with
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, dim, heads, kv_heads):
+    def __init__(self, dim, heads, kv_heads, qkv_bias=False):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
-        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache=None, start=0):
@@ -275,10 +295,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, dim, heads, kv_heads, mlp, eps):
+    def __init__(self, dim, heads, kv_heads, mlp, eps, qkv_bias=False):
         super().__init__()
         self.input_layernorm = RMSNorm(dim, eps)
-        self.self_attn = LlamaAttention(dim, heads, kv_heads)
+        self.self_attn = LlamaAttention(dim, heads, kv_heads, qkv_bias)
         self.post_attention_layernorm = RMSNorm(dim, eps)
         self.gate_proj = nn.Linear(dim, mlp, bias=False)
         self.up_proj = nn.Linear(dim, mlp, bias=False)
@@ -298,12 +318,17 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(LlamaBlock(cfg.dim, cfg.heads, cfg.kv_heads, cfg.mlp, cfg.eps) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(LlamaBlock(cfg.dim, cfg.heads, cfg.kv_heads, cfg.mlp, cfg.eps, cfg.qkv_bias)
+                                    for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim, cfg.eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def _run(self, x, attention_mask=None, cache=None, start=0, positions=None, keep_hidden=False):
         B, T, _ = x.shape
+        if self.cfg.sliding_window is not None and start + T > self.cfg.sliding_window:
+            raise ValueError(f"a sequence of {start + T} tokens exceeds the LLM's sliding_window={self.cfg.sliding_window}; "
+                             f"within the window attention is full, beyond it tokenspace does not run "
+                             f"(shorten max_seq_len)")
         mask = None
         if attention_mask is not None or start > 0:
             keys = attention_mask.bool() if attention_mask is not None else torch.ones(B, start + T, dtype=torch.bool, device=x.device)
@@ -314,7 +339,7 @@ class Llama(nn.Module):
             mask = (causal & keys[:, None, None, :]) | (causal & (query_at[:, None] == torch.arange(start + T, device=x.device)))
         if positions is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
-        cos, sin = rope(positions, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta)
+        cos, sin = rope(positions, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta, self.cfg.rope_scaling)
         hidden = [x]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i], start)
@@ -364,24 +389,23 @@ class Llama(nn.Module):
 
     @staticmethod
     def from_hf(path, dtype=None, shard=None):
-        """Llama from a LlamaForCausalLM folder (single or sharded safetensors). dtype None keeps float32.
+        """Llama from a LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM folder (single or sharded
+        safetensors). dtype None keeps float32.
         shard: a function that shards the still empty (meta-device) model across ranks and allocates each rank's
         part (training.py's FSDP set-up); the weights are then read into the shards."""
         config = _read_config(path)
-        for unsupported in ("rope_scaling", "attention_bias", "mlp_bias"):
-            if config.get(unsupported):
-                raise ValueError(f"{path}/config.json: {unsupported}={config[unsupported]} is not supported")
-        rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 1e4)
-        cfg = LlamaConfig(vocab_size=config["vocab_size"], dim=config["hidden_size"], layers=config["num_hidden_layers"],
-                          heads=config["num_attention_heads"],
-                          kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-                          mlp=config["intermediate_size"], eps=config["rms_norm_eps"], rope_theta=float(rope_theta))
-        if config.get("head_dim", cfg.dim // cfg.heads) != cfg.dim // cfg.heads:
-            raise ValueError(f"{path}/config.json: head_dim != hidden_size / num_attention_heads is not supported")
+        cfg = llama_config(config, f"{path}/config.json")
         llama = _build(Llama, cfg)
         if shard is not None:
             shard(llama.to(dtype or torch.float32))
-        hf = llama.hf_names(tied=config.get("tie_word_embeddings", False))
+        tied = config.get("tie_word_embeddings", False)
+        hf = llama.hf_names(tied=tied)
+        # a tensor nothing reads (a bias of another family, a layer too many) means the config was misread;
+        # RoPE tables older exports saved are recomputed, and a tied head duplicates the embeddings
+        unread = [k for k in weight_files(path) if k not in hf.values() and not k.endswith("rotary_emb.inv_freq")
+                  and not (tied and k == "lm_head.weight")]
+        if unread:
+            raise KeyError(f"{path}: {len(unread)} checkpoint tensors that the config leaves unused, e.g. {unread[:5]}")
         _load_strict(llama, path, hf, dtype=dtype or torch.float32)
         return llama
 
@@ -395,6 +419,47 @@ class Llama(nn.Module):
                 k = k.replace(f".{p}.", f".mlp.{p}.")
             return "model." + k
         return {k: hf(k) for k in self.state_dict()}
+
+
+LLM_FAMILIES = ("llama", "mistral", "qwen2")  # config.json's model_type; Qwen2.5 is "qwen2", Llama-3.x "llama"
+
+
+def llama_config(config, where):
+    """Our LlamaConfig from an HF config.json dict (where: its name in messages). Every setting that would make
+    transformers compute something Llama does not (another family, activation, bias, RoPE type, head size) is
+    refused by name, never ignored."""
+    def refuse(key):
+        raise ValueError(f"{where}: {key}={config.get(key)!r} is not supported (tokenspace runs "
+                         f"{', '.join(LLM_FAMILIES)} exactly as transformers does, and nothing else)")
+    family = config.get("model_type", "llama")
+    if family not in LLM_FAMILIES:
+        refuse("model_type")
+    for key, runs in [("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                      ("partial_rotary_factor", 1.0)]:
+        if config.get(key, runs) not in (runs, None):
+            refuse(key)
+    # transformers 4.x writes rope_theta and rope_scaling, 5.x one rope_parameters dict holding both
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        refuse("rope_parameters" if "rope_parameters" in config else "rope_scaling")
+    scaling = None
+    if rope_type == "llama3":
+        scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor")}
+        scaling["original_max_position_embeddings"] = rope.get("original_max_position_embeddings",
+                                                               config["max_position_embeddings"])
+    # Mistral slides always; Qwen2 only with use_sliding_window (then its upper layers): refusing any sequence
+    # longer than the window keeps every layer exact
+    window = config.get("sliding_window") if family == "mistral" or config.get("use_sliding_window") else None
+    cfg = LlamaConfig(vocab_size=config["vocab_size"], dim=config["hidden_size"], layers=config["num_hidden_layers"],
+                      heads=config["num_attention_heads"],
+                      kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+                      mlp=config["intermediate_size"], eps=config["rms_norm_eps"],
+                      rope_theta=float(config.get("rope_theta") or rope.get("rope_theta", 1e4)),
+                      rope_scaling=scaling, qkv_bias=family == "qwen2", sliding_window=window)
+    if (config.get("head_dim") or cfg.dim // cfg.heads) != cfg.dim // cfg.heads:
+        refuse("head_dim")
+    return cfg
 
 
 # -----------------------------------------------------------------------------

@@ -507,7 +507,7 @@ def bench_train(cfg, device):
     lr = 2e-5  # train_gen.py's defaults; their values do not change the step's cost
     optimizer = configure_optimizer(vlm, lr, 0.0, (0.9, 0.999), device.type)
     batch = synthetic_batch(cfg.train_batch_size, 1 + cfg.train_num_crops, cfg.train_image_size, cfg.train_n_l,
-                                   len(token_space.clip), token_space.sp.get_piece_size(), seed=cfg.seed)
+                                   len(token_space.clip), len(token_space.tokenizer), seed=cfg.seed)
     print(f"train: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, "
           f"{sum(p.numel() for p in llm.parameters()) / 1e6:.2f}M frozen in the LLM; {cfg.train_grad_accum} x "
           f"{cfg.train_batch_size} synthetic conversations per step, {1 + cfg.train_num_crops} crops each, "

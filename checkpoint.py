@@ -105,9 +105,11 @@ def trained_weights(tensors):
 
 def config_diff(theirs, ours, ignore=()):
     """{key: (checkpoint's value, ours)} where a dataclass config differs from a checkpoint's JSON copy of one. A key
-    the checkpoint lacks, written before the key existed, counts as the key's default (e.g. compressor: fused)."""
+    the checkpoint lacks, written before the key existed, counts as the key's default (e.g. compressor: fused), also
+    inside a sub-config (e.g. llm.qkv_bias: False)."""
     defaults = json.loads(json.dumps(asdict(type(ours)())))
-    theirs = {**defaults, **theirs}
+    theirs = {k: {**defaults[k], **theirs[k]} if isinstance(defaults[k], dict) and isinstance(theirs.get(k), dict)
+              else theirs.get(k, defaults[k]) for k in defaults}
     ours = json.loads(json.dumps(asdict(ours)))
     return {k: (theirs[k], v) for k, v in ours.items() if k not in ignore and theirs[k] != v}
 

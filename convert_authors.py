@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 from configurator import parse_config
 from fusion import DEFAULT_SYSTEM_PROMPT
-from backbones import LlamaConfig, ViTConfig, weight_files
+from backbones import ViTConfig, llama_config, weight_files
 from checkpoint import save_checkpoint
 from model import FusedVLM, FusedVLMConfig
 
@@ -96,18 +96,6 @@ def read_json(path, what):
         raise FileNotFoundError(f"{path} not found ({what})")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def llama_config(c, where):
-    """Our LlamaConfig from a transformers LlamaConfig dict (4.x writes rope_theta, 5.x rope_parameters)."""
-    for unsupported in ("rope_scaling", "attention_bias", "mlp_bias"):
-        if c.get(unsupported):
-            raise ValueError(f"{where}: {unsupported}={c[unsupported]} is not supported")
-    theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 1e4)
-    return LlamaConfig(vocab_size=c["vocab_size"], dim=c["hidden_size"], layers=c["num_hidden_layers"],
-                       heads=c["num_attention_heads"],
-                       kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-                       mlp=c["intermediate_size"], eps=c["rms_norm_eps"], rope_theta=float(theta))
 
 
 def read_their_config(src):

@@ -21,7 +21,7 @@ Input: JSONL (or parquet, when pyarrow is installed) with either our rows {"pref
 is used as written) or Intel/orca_dpo_pairs rows {"system", "question", "chosen", "rejected"} (A = chosen,
 B = rejected; the prefix is turn 1 of the Llama-2 chat layout of fusion.py without the vision slots:
 "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n" | question | "[/INST]", just "[INST]" when system is empty).
-Every sequence is <s> + prefix + branch, each piece encoded on its own with SentencePiece (as fusion.py does), so
+Every sequence is bos + prefix + branch, each piece encoded on its own by the LLM's tokenizer (as fusion.py does), so
 A and B branch at the same token. Both branches are cut to the shorter one, to n_max and to max_seq_len; a pair
 adds to D(n) for each n it reaches (the `pairs` column).
 
@@ -43,11 +43,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import sentencepiece
 import torch
 import torch.nn.functional as F
 
 from configurator import parse_config
+from chat import LLMTokenizer
 from fusion import TokenSpace, TokenSpaceConfig, collate, load_image
 from backbones import Llama
 from checkpoint import load_checkpoint, trained_vlm, trained_weights
@@ -58,7 +58,7 @@ from model import FusedVLMConfig
 class Config:
     out_dir: str = "out/divergence"
     data: str = ""          # JSONL/parquet of branch pairs (text mode) or of image pairs (vision mode)
-    llama_path: str = ""    # HF LlamaForCausalLM folder with tokenizer.model
+    llama_path: str = ""    # the LLM's HF folder (chat.py reads its tokenizer.model or tokenizer.json)
     layer: int = -1         # hidden_states index, HF convention
     normalize: bool = False  # unit-normalise the states first (then D^2 = 2 Upsilon exactly)
     n_max: int = 512        # longest branch looked at
@@ -221,11 +221,13 @@ def text_pair(record):
     return prefix, a, b
 
 
-def tokenize_pair(sp, prefix, a, b, n_max, max_seq_len):
-    """-> (<s> + prefix ids, A ids, B ids), both branches cut to the same length n >= 1. Every piece is encoded on
-    its own (SentencePiece gives each its leading space), so A and B start at the same token."""
-    prefix_ids = [sp.bos_id()] + [t for piece in prefix for t in sp.encode(piece)]
-    a_ids, b_ids = sp.encode(a), sp.encode(b)
+def tokenize_pair(tokenizer, prefix, a, b, n_max, max_seq_len):
+    """-> (bos + prefix ids, A ids, B ids), both branches cut to the same length n >= 1. Every piece is encoded on
+    its own (SentencePiece gives each its leading space), so A and B start at the same token. No bos where the
+    tokenizer has none (Qwen)."""
+    bos = [] if tokenizer.bos is None else [tokenizer.bos]
+    prefix_ids = bos + [t for piece in prefix for t in tokenizer.encode(piece)]
+    a_ids, b_ids = tokenizer.encode(a), tokenizer.encode(b)
     n = min(len(a_ids), len(b_ids), n_max, max_seq_len - len(prefix_ids))
     if n < 1:
         raise ValueError(f"the prefix is {len(prefix_ids)} tokens, max_seq_len={max_seq_len} leaves no branch token")
@@ -288,11 +290,8 @@ def text_mode(cfg):
     """-> an iterator of (h_a, h_b, lengths, tokens) per batch, and the number of pairs."""
     if not cfg.llama_path or not cfg.data:
         raise BadInput("text mode needs --data=PAIRS.jsonl and --llama_path=LLAMA_FOLDER")
-    tokenizer = os.path.join(cfg.llama_path, "tokenizer.model")
-    if not os.path.isfile(tokenizer):
-        raise FileNotFoundError(f"{cfg.llama_path}: no tokenizer.model")
-    sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer)
-    pairs = [pair for _, pair in read_pairs(cfg, lambda r: tokenize_pair(sp, *text_pair(r), cfg.n_max, cfg.max_seq_len))]
+    tokenizer = LLMTokenizer(cfg.llama_path)
+    pairs = [pair for _, pair in read_pairs(cfg, lambda r: tokenize_pair(tokenizer, *text_pair(r), cfg.n_max, cfg.max_seq_len))]
     llama = Llama.from_hf(cfg.llama_path, dtype=getattr(torch, cfg.dtype)).to(cfg.device).eval()
     batches = (pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size))
     return (text_batch_states(llama, batch, cfg.layer, cfg.device) for batch in batches), len(pairs)

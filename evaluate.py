@@ -143,11 +143,10 @@ def greedy_answers(vlm, token_space, samples, max_new_tokens, device, dtype):
     """The decoding described at the top for one batch of samples (TokenSpace.make_sample, each ending in a
     question), left-padded -> (the answer texts, the new token ids of each). sample.py and lmms_eval_model.py
     decode with it too."""
-    specials = {token_space.sp.unk_id(), token_space.sp.bos_id(), token_space.sp.eos_id()}
     batch = {k: v.to(device) for k, v in collate(samples, pad_side="left").items()}
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
     answers = vlm.generate(batch, max_new_tokens=max_new_tokens, eos_token_id=token_space.eos, min_new_tokens=1)
-    return [token_space.sp.decode([t for t in ids if t not in specials]).strip() for ids in answers], answers
+    return [token_space.tokenizer.decode(ids).strip() for ids in answers], answers
 
 
 def predict(vlm, token_space, todo, part_path, max_new_tokens, cfg, device, dtype, tag, rank, world_size):

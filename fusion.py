@@ -19,8 +19,9 @@ Conversation -> the fused-model sequence (CLIP BPE vocabulary, no <|startoftext|
   n_1 = n_l, n_i = n_s for i > 1. Query slots hold the row of the learned query table (0 .. n_i - 2; later
   questions reuse the first n_s - 1 rows); the n_i - 1 slots and the EOS are the question's n_i outputs.
 
-Conversation -> the LLM sequence (Llama-2 chat), each piece encoded on its own with the raw SentencePiece model
-(so each piece gets the dummy-prefix space, exactly as the authors' models were trained and evaluated):
+Conversation -> the LLM sequence (Llama-2 chat; chat.py has the other layouts), each piece encoded on its own with
+the raw SentencePiece model (so each piece gets the dummy-prefix space, exactly as the authors' models were trained
+and evaluated):
   turn 1:  <s> | "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n" | n_l slots | "{Q1}" | "[/INST]" | "{A1} " | </s>
   turn t:  <s> | "[INST]"                                | n_s slots | "{Qt}" | "[/INST]" | "{At} " | </s>
   <s> (1) and </s> (2) are control ids, never encoded text; slots hold the placeholder id 0 and are overwritten
@@ -61,11 +62,12 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
-import sentencepiece
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPTokenizer
+
+from chat import LLMTokenizer, chat_layout
 
 DEFAULT_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
                          "gives helpful, detailed, and polite answers to the user's questions.")
@@ -74,7 +76,7 @@ DEFAULT_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intell
 @dataclass
 class TokenSpaceConfig:
     clip_path: str                  # folder with vocab.json + merges.txt (the fused model's CLIP BPE vocabulary)
-    llama_path: str                 # folder with the Llama SentencePiece tokenizer.model
+    llama_path: str                 # the LLM's folder: SentencePiece tokenizer.model or tokenizer.json
     image_size: int = 336           # S: side of the global view and of every local tile
     num_crops: int = 16             # at most this many local tiles (Phi-3-V HD rule); 0 = global view only
     n_l: int = 256                  # vision tokens handed to the LLM for the first question
@@ -84,7 +86,7 @@ class TokenSpaceConfig:
                                     # lose trailing turns
     max_answer_tokens: int = 512    # CLIP tokens of one stage-1 answer row incl. EOS (the text tower's positions)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    chat_template: str = "llama-2"  # the LLM's conversation layout: one of CHAT_TEMPLATES
+    chat_template: str = "llama-2"  # the LLM's conversation layout: one of chat.CHAT_TEMPLATES
 
 
 # -----------------------------------------------------------------------------
@@ -160,7 +162,6 @@ def image_crops(img, size, num_crops):
 
 IGNORE = -100   # label of positions without loss
 SLOT_ID = 0     # LLM placeholder id at the positions the bridge outputs overwrite
-CHAT_TEMPLATES = ("llama-2", "vicuna")
 
 
 class TokenSpace:
@@ -168,36 +169,22 @@ class TokenSpace:
     turns = [(question, answer), ...]; the last answer may be None for a generation prompt."""
 
     def __init__(self, cfg: TokenSpaceConfig):
-        for name, folder, files in [("clip_path", cfg.clip_path, ["vocab.json", "merges.txt"]),
-                                    ("llama_path", cfg.llama_path, ["tokenizer.model"])]:
-            missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
-            if missing:
-                raise FileNotFoundError(f"{name}={folder!r} lacks {', '.join(missing)}: point {name} at the "
-                                        f"checkpoint folder that holds {' and '.join(files)}")
+        missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(cfg.clip_path, f))]
+        if missing:
+            raise FileNotFoundError(f"clip_path={cfg.clip_path!r} lacks {', '.join(missing)}: point clip_path at the "
+                                    f"checkpoint folder that holds vocab.json and merges.txt")
         if cfg.n_l < 1 or cfg.n_s < 1:
             raise ValueError(f"n_l and n_s must be >= 1, got n_l={cfg.n_l}, n_s={cfg.n_s}")
         if cfg.image_size < 1 or cfg.num_crops < 0 or cfg.max_answer_tokens < 1:
             raise ValueError(f"bad token-space sizes in {cfg}")
-        if cfg.chat_template not in CHAT_TEMPLATES:
-            raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got {cfg.chat_template!r}")
         self.cfg = cfg
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(cfg.llama_path, "tokenizer.model"))
-        self.bos, self.eos = self.sp.bos_id(), self.sp.eos_id()  # 1, 2 for Llama-2
+        self.tokenizer = LLMTokenizer(cfg.llama_path)
+        self.sp = self.tokenizer.sp  # the raw SentencePiece model (None for a tokenizer.json), for callers in its ids
+        self.layout = chat_layout(cfg.chat_template, self.tokenizer, cfg.system_prompt)
+        self.eos = self.layout.end_of_turn  # where an answer ends: </s> for llama-2, <|eot_id|> for llama-3, ...
         self.clip = CLIPTokenizer(vocab=os.path.join(cfg.clip_path, "vocab.json"),
                                   merges=os.path.join(cfg.clip_path, "merges.txt"))
         self.clip_eos = self.clip.eos_token_id  # <|endoftext|>, 49407 for real CLIP
-        # a turn: head + slots + question + close + answer piece + </s>
-        if cfg.chat_template == "llama-2":
-            system = f"[INST] <<SYS>>\n{cfg.system_prompt}\n<</SYS>>\n\n" if cfg.system_prompt else "[INST]"
-            self.first_head = [self.bos] + self.sp.encode(system)
-            self.later_head = [self.bos] + self.sp.encode("[INST]")
-            self.close_question = self.sp.encode("[/INST]")
-            self.answer_end = " "
-        else:  # vicuna
-            self.first_head = [self.bos] + (self.sp.encode(cfg.system_prompt) if cfg.system_prompt else []) + self.sp.encode("USER:")
-            self.later_head = self.sp.encode("USER:")
-            self.close_question = self.sp.encode("ASSISTANT:")
-            self.answer_end = ""
 
     def clip_ids(self, text):
         # split_special_tokens: a literal "<|endoftext|>" in the text must not become an EOS
@@ -206,14 +193,16 @@ class TokenSpace:
     def llm_turn(self, index, question, answer):
         """One turn's LLM ids, slot flags and labels (lists); answer None ends the turn after [/INST]."""
         n = self.cfg.n_l if index == 0 else self.cfg.n_s
-        head = self.first_head if index == 0 else self.later_head
-        prompt = self.sp.encode(question) + self.close_question
+        layout = self.layout
+        head = layout.first_head if index == 0 else layout.later_head
+        prompt = self.tokenizer.encode(question) + layout.close_question
         ids = head + [SLOT_ID] * n + prompt
         slots = [False] * len(head) + [True] * n + [False] * len(prompt)
         labels = [IGNORE] * len(ids)
         if answer is not None:
-            reply = self.sp.encode(answer + self.answer_end) + [self.eos]
-            ids, slots, labels = ids + reply, slots + [False] * len(reply), labels + reply
+            reply = self.tokenizer.encode(answer + layout.answer_end) + [layout.end_of_turn]
+            ids, slots = ids + reply + layout.after_turn, slots + [False] * (len(reply) + len(layout.after_turn))
+            labels = labels + reply + [IGNORE] * len(layout.after_turn)
         return ids, slots, labels
 
     def fused_question(self, question):

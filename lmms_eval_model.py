@@ -110,7 +110,7 @@ class TokenSpaceLMMS(lmms):
             samples = []
             for request in batch:
                 context, continuation = request.args[:2]
-                answer = torch.tensor(self.token_space.sp.encode(continuation.strip()), dtype=torch.long)
+                answer = torch.tensor(self.token_space.tokenizer.encode(continuation.strip()), dtype=torch.long)
                 if len(answer) == 0:
                     raise ValueError(f"{request.task_name} doc {request.doc_id}: an empty continuation")
                 prompt = self.token_space.generation_sample(self.image(*request.args[2:6]), context)

@@ -1,7 +1,7 @@
 """
 An estimate, not a measurement: GPU memory per process of stage-2 training (train_gen.py) under DDP and FSDP, for
-Llama-2-7B/13B/70B behind the CLIP ViT-H/14 or ViT-L/14 tower at 336 px, from parameter counts of our modules built
-on the meta device (nothing is allocated, nothing downloaded).
+Llama-2-7B/13B/70B and Llama-3.1-8B (config/llama3_gen.py) behind the CLIP ViT-H/14 or ViT-L/14 tower at 336 px,
+from parameter counts of our modules built on the meta device (nothing is allocated, nothing downloaded).
 
     python memory.py                         # docs/training.md's table: 8 GPUs, 5 conversations of 17 crops per GPU
     python memory.py --gpus=16 --llm_tokens=2048
@@ -12,7 +12,8 @@ of the units being gathered (the running block and the prefetched next one, take
 Activations, with activation checkpointing on the ViT and fused blocks (the paper configs) and none on the frozen
 LLM, whose saved tensors the gradient to the bridge needs: per checkpointed block its bf16 input; per LLM layer and
 token 16 x dim + 6 x mlp bytes (two fp32 RMSNorm inputs, attention's q, k, v and output, SwiGLU's gate, its SiLU
-and up projection; a frozen Linear keeps nothing for the backward). Not counted: the CUDA context, the allocator's
+and up projection; a frozen Linear keeps nothing for the backward; k and v at full width, which over-counts a little
+for grouped KV heads). Not counted: the CUDA context, the allocator's
 fragmentation, the logits at the labelled positions, one block's recomputed activations; hence "fits" leaves 10%
 of the GPU free. bench.py --mode=train prints the measured peak on a GPU.
 """
@@ -28,7 +29,9 @@ from model import FusedVLM, FusedVLMConfig
 GiB = 2 ** 30
 LLMS = {"Llama-2-7B": LlamaConfig(dim=4096, layers=32, heads=32, kv_heads=32, mlp=11008),
         "Llama-2-13B": LlamaConfig(dim=5120, layers=40, heads=40, kv_heads=40, mlp=13824),
-        "Llama-2-70B": LlamaConfig(dim=8192, layers=80, heads=64, kv_heads=8, mlp=28672)}
+        "Llama-2-70B": LlamaConfig(dim=8192, layers=80, heads=64, kv_heads=8, mlp=28672),
+        "Llama-3.1-8B": LlamaConfig(vocab_size=128256, dim=4096, layers=32, heads=32, kv_heads=8, mlp=14336,
+                                    rope_theta=5e5)}
 TOWERS = {"ViT-H/14": ViTConfig(width=1280, layers=32, heads=16, mlp=5120),
           "ViT-L/14": ViTConfig(width=1024, layers=24, heads=16, mlp=4096, act="quick_gelu")}
 

@@ -54,7 +54,7 @@ class Config:
     data_dir: str = "data/llava/out"  # holds train_file; the image paths in it are relative to data_dir
     train_file: str = "train.jsonl"
     clip_path: str = "weights/CLIP-ViT-H-14-laion2B-s32B-b79K"  # vision trunk, text tower, BPE vocabulary
-    llama_path: str = "weights/Llama-2-7b-chat-hf"  # only its tokenizer.model: the LLM layout decides what fits
+    llama_path: str = "weights/Llama-2-7b-chat-hf"  # only its tokenizer: the LLM layout decides what fits
     skip_bad: bool = False  # count and skip malformed JSONL lines instead of stopping at the first
     resume: bool = False  # continue out_dir/ckpt.safetensors exactly
     stop_at_step: int = 0  # end this run early (with a checkpoint) at this step, e.g. for a job time limit
@@ -73,7 +73,7 @@ class Config:
     n_l: int = 256
     n_s: int = 8
     max_seq_len: int = 4096
-    chat_template: str = "llama-2"  # the LLM layout that decides what fits max_seq_len: llama-2 or vicuna
+    chat_template: str = "llama-2"  # the LLM layout that decides what fits max_seq_len (chat.CHAT_TEMPLATES)
     # model
     fused_layers: int = 12
     fused_heads: int = 20
@@ -99,8 +99,8 @@ class Config:
 
 
 cfg = read_config(Config(), sys.argv[1:], "train_align.py")
-run, train_path, val_path, ckpt_path = start_training(cfg, "download the Llama-2 folder with tokenizer.model, e.g. "
-                                                           "meta-llama/Llama-2-7b-chat-hf, and put it there")
+run, train_path, val_path, ckpt_path = start_training(cfg, "download the LLM's folder with its tokenizer.model or "
+                                                           "tokenizer.json, e.g. meta-llama/Llama-2-7b-chat-hf, and put it there")
 device, world_size, log = run.device, run.world_size, run.log
 
 # -----------------------------------------------------------------------------

@@ -62,7 +62,7 @@ class Config:
     data_dir: str = "data/llava/out"  # holds train_file; the image paths in it are relative to data_dir
     train_file: str = "train.jsonl"
     clip_path: str = "weights/CLIP-ViT-H-14-laion2B-s32B-b79K"  # vision trunk config (+ weights without init_from), BPE
-    llama_path: str = "weights/Llama-2-7b-chat-hf"  # the frozen LLM and its tokenizer.model
+    llama_path: str = "weights/Llama-2-7b-chat-hf"  # the frozen LLM's folder: Llama-2/3.x, Mistral or Qwen2/2.5
     init_from: str = ""  # a stage-1 or stage-2 checkpoint; empty: vision from clip_path, fused model random
     skip_bad: bool = False  # count and skip malformed JSONL lines instead of stopping at the first
     resume: bool = False  # continue out_dir/ckpt.safetensors exactly (init_from is then ignored)
@@ -84,7 +84,7 @@ class Config:
     n_s: int = 8
     drop_question: bool = False  # the VQ ablation: the fused model does not see the question (the LLM does)
     max_seq_len: int = 4096
-    chat_template: str = "llama-2"  # the LLM's conversation layout: llama-2 (Llama-2-chat) or vicuna (Vicuna v1.1/v1.5)
+    chat_template: str = "llama-2"  # the LLM's conversation layout: llama-2, vicuna, mistral, llama-3 or chatml (Qwen)
     # model (must match init_from's)
     compressor: str = "fused"  # fused | pool | resampler: vision tokens -> the n_l / n_s LLM tokens (see above)
     fused_layers: int = 12
@@ -115,8 +115,8 @@ if cfg.compressor not in COMPRESSORS:
 if cfg.drop_question and cfg.compressor != "fused":
     sys.exit(f"drop_question=True is the fused model's VQ ablation; compressor={cfg.compressor} never reads the question")
 run, train_path, val_path, ckpt_path = start_training(
-    cfg, "download the Llama-2 folder (config.json, *.safetensors, tokenizer.model), e.g. meta-llama/Llama-2-7b-chat-hf, "
-         "and put it there",
+    cfg, "download the LLM's folder (config.json, *.safetensors, tokenizer.model or tokenizer.json), e.g. "
+         "meta-llama/Llama-2-7b-chat-hf, and put it there",
     more_inputs=[("init_from", cfg.init_from, "train the previous stage first: this is the ckpt.safetensors in its "
                                               "out_dir")] if cfg.init_from and not cfg.resume else [])
 device, world_size, log = run.device, run.world_size, run.log

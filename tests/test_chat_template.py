@@ -64,8 +64,8 @@ def test_vicuna_generation_prompt_ends_after_assistant(clip_vocab_dir, llama_tok
 
 
 def test_an_unknown_template_is_refused(clip_vocab_dir, llama_tokenizer_dir):
-    with pytest.raises(ValueError, match="chat_template must be one of llama-2, vicuna, got 'chatml'"):
-        vicuna_space(clip_vocab_dir, llama_tokenizer_dir, chat_template="chatml")
+    with pytest.raises(ValueError, match="chat_template must be one of llama-2, vicuna, mistral, llama-3, chatml, got 'alpaca'"):
+        vicuna_space(clip_vocab_dir, llama_tokenizer_dir, chat_template="alpaca")
 
 
 def test_a_vicuna_model_trains_records_its_template_and_evaluates_with_it(synthetic_world, tmp_path, monkeypatch):
@@ -91,7 +91,7 @@ def test_a_vicuna_model_trains_records_its_template_and_evaluates_with_it(synthe
                                    Llama.from_hf(f"{world}/llama"), str(tmp_path)).eval()
     record = json.loads((world / "val.jsonl").read_text().splitlines()[0])
     prompt = space.generation_sample(load_image(str(world / record["image"])), record["messages"][0]["content"])
-    assert prompt["input_ids"][-len(space.close_question):].tolist() == space.close_question
+    assert prompt["input_ids"][-len(space.layout.close_question):].tolist() == space.layout.close_question
     with torch.no_grad():
         answers = vlm.generate(collate([prompt], pad_side="left"), max_new_tokens=4, eos_token_id=space.eos)
     assert len(answers) == 1 and 1 <= len(answers[0]) <= 4

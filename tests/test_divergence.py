@@ -17,6 +17,7 @@ import sentencepiece
 import torch
 from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
+from chat import LLMTokenizer
 from divergence import (CSV_COLUMNS, Accumulator, BadInput, Config, branch_statistics, fit_lambda, image_pair, main,
                         read_pairs, text_pair, tokenize_pair)
 from backbones import LlamaConfig, ViTConfig
@@ -212,12 +213,12 @@ def test_cli_normalized_identity_and_orca_rows(tmp_path, llama_dir, capsys):
 def test_orca_prefix_is_the_llama2_chat_turn(llama_tokenizer_dir):
     sp = sentencepiece.SentencePieceProcessor(model_file=str(Path(llama_tokenizer_dir) / "tokenizer.model"))
     row = json.dumps({"system": "Be brief.", "question": "Is there a blue triangle?", "chosen": "Yes", "rejected": "No"})
-    prefix, a, b = tokenize_pair(sp, *text_pair(row), n_max=512, max_seq_len=4096)
+    prefix, a, b = tokenize_pair(LLMTokenizer(llama_tokenizer_dir), *text_pair(row), n_max=512, max_seq_len=4096)
     assert prefix == [1] + sp.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n") + sp.encode(
         "Is there a blue triangle?") + sp.encode("[/INST]")
     assert b == sp.encode("No") and a == sp.encode("Yes")[:len(b)]  # both cut to the shorter branch
     no_system = json.dumps({"system": "", "question": "Q?", "chosen": "Yes", "rejected": "No"})
-    assert tokenize_pair(sp, *text_pair(no_system), 512, 4096)[0] == [1] + sp.encode("[INST]") + sp.encode(
+    assert tokenize_pair(LLMTokenizer(llama_tokenizer_dir), *text_pair(no_system), 512, 4096)[0] == [1] + sp.encode("[INST]") + sp.encode(
         "Q?") + sp.encode("[/INST]")
 
 

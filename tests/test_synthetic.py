@@ -276,4 +276,4 @@ def test_tiny_models_load_with_transformers(synthetic):
         assert llama(ids).logits.shape == (1, ids.shape[1], sp.vocab_size())
     # the chat template's pieces, as fusion.py's default system prompt reaches them, are whole pieces
     token_space = TokenSpace(TokenSpaceConfig(clip_path=str(out / "clip"), llama_path=str(out / "llama")))
-    assert len(token_space.first_head) == 11 and len(token_space.later_head) == 3 and len(token_space.close_question) == 2
+    assert len(token_space.layout.first_head) == 11 and len(token_space.layout.later_head) == 3 and len(token_space.layout.close_question) == 2

@@ -174,7 +174,7 @@ def test_a_fresh_run_does_not_overwrite_a_checkpoint(gen_run, data_dir, monkeypa
 
 @pytest.mark.parametrize("script,config", [("train_align.py", "tiny"), ("train_gen.py", "tiny"),
                                            ("train_align.py", "paper_align"), ("train_gen.py", "paper_gen"),
-                                           ("train_gen.py", "paper_finetune")])
+                                           ("train_gen.py", "paper_finetune"), ("train_gen.py", "llama3_gen")])
 def test_config_files_parse(script, config, monkeypatch, tmp_path):
     # parse_config raises on any key the script does not have; the first thing after parsing is the path check
     with pytest.raises(SystemExit, match="clip_path: .* does not exist: download a CLIP checkpoint folder"):
@@ -182,7 +182,7 @@ def test_config_files_parse(script, config, monkeypatch, tmp_path):
 
 
 def test_missing_weights_say_what_to_download(data_dir, monkeypatch, tmp_path):
-    with pytest.raises(SystemExit, match="llama_path: .*does not exist: download the Llama-2 folder"):
+    with pytest.raises(SystemExit, match="llama_path: .*does not exist: download the LLM.s folder"):
         run("train_gen.py", monkeypatch, argv(data_dir, tmp_path, f"--llama_path={tmp_path}/nowhere"))
 
 
