@@ -12,6 +12,7 @@ from PIL import Image
 
 import benchmarks as bm
 import evaluate as ev
+from configurator import InputError
 from predictions import RESULTS_HEADER, append_results, read_predictions
 
 
@@ -296,9 +297,9 @@ def test_score_only_default_tsv_location_and_bad_arguments(tmp_path):
         ev.main(["--score_only=True", "--benchmarks=SYNTH_MCQ", f"--bench_dir={tmp_path}",
                  f"--predictions={predictions}", f"--out_dir={tmp_path / 'out'}"])
     assert not os.path.exists(tmp_path / "out" / "results.csv")  # nothing written for a refused score
-    with pytest.raises(SystemExit, match="unknown benchmark"):
+    with pytest.raises(InputError, match="unknown benchmark"):
         ev.main(["--score_only=True", "--benchmarks=NOPE", f"--predictions={predictions}"])
-    with pytest.raises(SystemExit, match="needs --predictions"):
+    with pytest.raises(InputError, match="needs --predictions"):
         ev.main(["--score_only=True", "--benchmarks=SYNTH_MCQ"])
-    with pytest.raises(SystemExit, match="no positional arguments"):
+    with pytest.raises(InputError, match="no positional arguments"):
         ev.main(["extra", "--score_only=True"])
