@@ -52,7 +52,7 @@ from fusion import TokenSpace, TokenSpaceConfig, collate
 from model import FusedVLMConfig
 from predictions import (already_scored, append_results, claim_run_dir, merge_predictions, print_table,
                          read_prediction_records, read_predictions)
-from training import Run
+from training import Run, lock_folder
 
 # -----------------------------------------------------------------------------
 # config
@@ -202,6 +202,9 @@ def evaluate_checkpoints(cfg, run):
         raise InputError(f"not found: {missing} (benchmark TSVs go in --bench_dir as <NAME>.tsv; a checkpoint is a "
                          f"folder with ckpt.safetensors or the file)")
     results_path = os.path.join(cfg.out_dir, "results.csv")
+    if rank == 0:  # one evaluation per out_dir at a time: two would interleave results.csv and the predictions
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        lock_folder(cfg.out_dir)
     scored = already_scored(results_path)
     log = run.log
     log(f"{len(ckpts)} checkpoint(s) x {len(names)} benchmark(s) on {world_size} x {device.type} in {dtype}; "
