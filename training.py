@@ -485,12 +485,14 @@ def train(run, cfg, raw_model, dataset, val_set, steps_per_epoch, start_step, ma
                            run.world_size, cfg.seed, cfg.num_workers, pin_memory=run.device.type == "cuda")
     step_log = StepLog(raw_model, run.device, run.world_size, peak_flops(run.device), run.log)
     t_start = time.time()
-    steps_run = 0
+    steps_run = unreadable = 0
     for step in range(start_step, max_iters):
         lr = cosine_lr(step, max_iters, cfg.lr, cfg.warmup_ratio)
         set_lr(optimizer, lr)
+        micro_batches = next(batches)
+        unreadable += sum(int(b["unreadable"]) for b in micro_batches)
         try:
-            loss_sum, loss_divisor, grad_norm = train_step(next(batches), step_log)
+            loss_sum, loss_divisor, grad_norm = train_step(micro_batches, step_log)
         except Diverged as e:
             run.close(barrier=False)
             raise SystemExit(f"error: step {step + 1}: {e}; stopped before the optimizer step, the last checkpoint "
@@ -510,5 +512,8 @@ def train(run, cfg, raw_model, dataset, val_set, steps_per_epoch, start_step, ma
         if step_done == cfg.stop_at_step:
             break
     global_batch = cfg.batch_size * cfg.grad_accum * run.world_size
-    run.log(f"done: {steps_run} steps, {steps_run * global_batch} samples in {time.time() - t_start:.1f} s")
+    unreadable = int(all_reduce(torch.tensor(unreadable, device=run.device)))
+    run.log(f"done: {steps_run} steps, {steps_run * global_batch - unreadable} samples in {time.time() - t_start:.1f} "
+            f"s; skipped while training {unreadable} (" + (f"unreadable image: {unreadable}" if unreadable else "none")
+            + ")")
     run.close()
