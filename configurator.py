@@ -70,7 +70,8 @@ def parse_config(config, argv):
             overrides[key] = value
         elif arg.endswith(".py"):
             if not os.path.isfile(arg):
-                raise InputError(f"{arg}: config file not found (give the path of a file in config/, e.g. config/tiny.py)")
+                raise InputError(f"{arg}: config file not found (give the path of a file in config/, e.g. "
+                                 f"config/tiny.py)")
             names = runpy.run_path(arg)
             for key, value in names.items():
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
