@@ -487,8 +487,8 @@ def bench_train(cfg, device):
     dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if dtype not in ("bfloat16", "float32"):
         raise InputError(f"--mode=train runs as train_gen.py: dtype bfloat16 or float32, got {dtype!r}")
-    bf16 = device.type == "cuda" and dtype == "bfloat16"
-    autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
+    bf16 = dtype == "bfloat16"  # as train_gen.py: the same on CPU as on GPU
+    autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
     token_space = TokenSpace(TokenSpaceConfig(
         clip_path=cfg.train_clip_path, llama_path=cfg.train_llama_path, image_size=cfg.train_image_size,
         num_crops=cfg.train_num_crops, n_l=cfg.train_n_l))

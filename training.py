@@ -96,7 +96,8 @@ def read_config(config, argv, script):
     if cfg.dtype not in ("bfloat16", "float32"):
         raise InputError(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
     if cfg.fsdp and "RANK" not in os.environ:
-        raise InputError(f"fsdp=True shards over the processes of torchrun (run torchrun --nproc_per_node=N {script} ...)")
+        raise InputError(f"fsdp=True shards over the processes of torchrun (run torchrun --nproc_per_node=N {script} "
+                         f"...)")
     positive = ["batch_size", "grad_accum", "log_interval", "ckpt_interval", "eval_interval"]
     positive.append("max_iters" if not hasattr(cfg, "epochs") or cfg.max_iters else "epochs")  # train_gen: either
     for key in positive:
@@ -113,8 +114,9 @@ def start_training(cfg, llama_remedy, more_inputs=()):
     run = Run()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    run.bf16 = run.device.type == "cuda" and cfg.dtype == "bfloat16"
-    run.autocast = torch.autocast("cuda", torch.bfloat16) if run.bf16 else nullcontext()
+    # the same on CPU as on GPU: on CPU it is slower than float32, and there to check the GPU path (docs/training.md)
+    run.bf16 = cfg.dtype == "bfloat16"
+    run.autocast = torch.autocast(run.device.type, torch.bfloat16) if run.bf16 else nullcontext()
     run.log(json.dumps(asdict(cfg), indent=1))
     run.log(f"device {run.device}, world size {run.world_size}")
     train_path, val_path = check_inputs(cfg, llama_remedy, more_inputs)

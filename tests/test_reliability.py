@@ -6,7 +6,6 @@ The trainers run in this process with runpy, or as subprocesses where the exit s
 """
 import json
 import os
-import runpy
 import socket
 import subprocess
 import sys
@@ -19,22 +18,15 @@ from safetensors.torch import save_file
 from backbones import Llama
 from checkpoint import load_checkpoint, load_trainable, restore_training_state, save_checkpoint
 from configurator import InputError
+from test_train import argv as tiny_argv
+from test_train import metrics, run
 from training import lock_folder
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--num_crops=0", "--batch_size=2", "--grad_accum=2", "--max_iters=6", "--log_interval=1",
-        "--ckpt_interval=100", "--lr=3e-3"]
 
 
 def argv(world, out_dir, *extra):
-    return [str(ROOT / "config" / "tiny.py"), f"--data_dir={world}", f"--clip_path={world}/clip",
-            f"--llama_path={world}/llama", f"--out_dir={out_dir}", *TINY, *extra]
-
-
-def run(script, monkeypatch, args):
-    monkeypatch.setattr(sys, "argv", [script] + args)
-    monkeypatch.chdir(ROOT)
-    return runpy.run_path(str(ROOT / script), run_name="__main__")
+    return tiny_argv(world, out_dir, "--max_iters=6", *extra)
 
 
 def subprocess_run(script, args):
@@ -44,8 +36,7 @@ def subprocess_run(script, args):
 
 
 def steps_in(out_dir):
-    with open(Path(out_dir) / "metrics.jsonl") as f:
-        return [json.loads(line)["step"] for line in f]
+    return [m["step"] for m in metrics(out_dir)]
 
 
 # -----------------------------------------------------------------------------
