@@ -225,7 +225,10 @@ def load_benchmark(name, tsv_path, kind=""):
         image = cells["image"]
         if len(image) <= 64:  # VLMEvalKit's convention: a short cell is the index of the row holding the image
             target = index_key(image)
-            if target not in image_cells or len(image_cells[target]) <= 64:
+            if target not in image_cells:  # e.g. a truncated base64 image, not a reference
+                raise InputError(f"{where}: image cell {image!r} is too short for a base64 image and names no row "
+                                 f"(a cell of 64 characters or fewer is the index of the row holding the image)")
+            if len(image_cells[target]) <= 64:
                 raise InputError(f"{where}: image cell {image!r} must name a row that holds an image itself")
             images_b64 = [image_cells[target]]
         elif image.startswith("[") and image.endswith("]"):

@@ -294,6 +294,9 @@ def main(argv):
     cfg, positional = parse_config(Config(), argv)
     if positional:
         raise InputError(f"evaluate.py takes no positional arguments, got {positional}")
+    if cfg.batch_size <= 0 or cfg.limit < 0:  # before any model is loaded: batch_size 0 once divided by zero after it
+        raise InputError(f"batch_size must be >= 1 and limit >= 0, got {cfg.batch_size} and {cfg.limit} (pass "
+                         f"--batch_size=N)")
     if cfg.score_only:
         return score_predictions_file(cfg)
     run = Run(cfg.device)

@@ -91,7 +91,8 @@ def test_multi_image_row(tmp_path):
 
 
 @pytest.mark.parametrize("cell, message", [("1", "must name a row that holds an image"),   # 2 -> 1 -> itself a ref
-                                           ("9", "must name a row that holds an image")])  # no row 9
+                                           ("9", "is too short for a base64 image and names no row"),  # no row 9
+                                           ("iVBORw0KGgo=", "is too short for a base64 image")])  # a cut image
 def test_bad_image_references(tmp_path, cell, message):
     path = write_tsv(tmp_path / "POPE.tsv", ["index", "image", "question", "answer"],
                      [[0, RED, "q", "Yes"], [1, "0", "q", "No"], [2, cell, "q", "No"]])

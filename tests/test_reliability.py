@@ -136,7 +136,8 @@ def test_user_errors_are_one_line_with_exit_2_and_bugs_keep_their_traceback(synt
     for script, args, message in [
             ("train_gen.py", argv(synthetic_world, tmp_path, "--batch_size=-1"), "batch_size must be a positive"),
             ("train_align.py", ["config/nowhere.py"], "config/nowhere.py: config file not found"),
-            ("evaluate.py", [f"--ckpt={tmp_path}/none", "--benchmarks=POPE"], "not found")]:
+            ("evaluate.py", [f"--ckpt={tmp_path}/none", "--benchmarks=POPE"], "not found"),
+            ("evaluate.py", [f"--ckpt={tmp_path}/none", "--batch_size=0"], "batch_size must be >= 1")]:
         result = subprocess_run(script, args)
         assert result.returncode == 2, result.stderr[-2000:]
         assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr[-2000:]
