@@ -120,7 +120,7 @@ def start_training(cfg, llama_remedy, more_inputs=()):
     run.log(json.dumps(asdict(cfg), indent=1))
     run.log(f"device {run.device}, world size {run.world_size}")
     train_path, val_path = check_inputs(cfg, llama_remedy, more_inputs)
-    ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, run.master)
+    ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, run)
     seed_everything(cfg.seed)
     return run, train_path, val_path, ckpt_path
 
@@ -143,17 +143,18 @@ def check_inputs(cfg, llama_remedy, more=()):
     return train_path, val_path
 
 
-def claim_out_dir(out_dir, resume, master):
+def claim_out_dir(out_dir, resume, run):
     """-> out_dir/ckpt.safetensors. The master locks out_dir for this run (lock_folder). A fresh run refuses an
     out_dir that holds a checkpoint or a metrics.jsonl, and starts a fresh metrics.jsonl; a resumed one keeps it."""
     ckpt_path = os.path.join(out_dir, "ckpt.safetensors")
-    if master:
+    if run.master:
         os.makedirs(out_dir, exist_ok=True)
         lock_folder(out_dir)
     for path in (ckpt_path, os.path.join(out_dir, "metrics.jsonl")):
         if not resume and os.path.exists(path):
             raise InputError(f"{path}: exists (pass --resume=True to continue its run, or choose another out_dir)")
-    if master and not resume:
+    run.barrier()  # every rank has looked before the master writes the fresh metrics.jsonl
+    if run.master and not resume:
         open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
     return ckpt_path
 
