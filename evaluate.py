@@ -139,23 +139,29 @@ def shuffle_images(rows):
     return [dataclasses.replace(row, images_b64=shown[tuple(row.images_b64)]) for row in rows]
 
 
+def greedy_answers(vlm, token_space, samples, max_new_tokens, device, dtype):
+    """The decoding described at the top for one batch of samples (TokenSpace.make_sample, each ending in a
+    question), left-padded -> (the answer texts, the new token ids of each). sample.py and lmms_eval_model.py
+    decode with it too."""
+    specials = {token_space.sp.unk_id(), token_space.sp.bos_id(), token_space.sp.eos_id()}
+    batch = {k: v.to(device) for k, v in collate(samples, pad_side="left").items()}
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    answers = vlm.generate(batch, max_new_tokens=max_new_tokens, eos_token_id=token_space.eos, min_new_tokens=1)
+    return [token_space.sp.decode([t for t in ids if t not in specials]).strip() for ids in answers], answers
+
+
 def predict(vlm, token_space, todo, part_path, max_new_tokens, cfg, device, dtype, tag, rank, world_size):
     """Greedy answers for this rank's batches of `todo` (batch j goes to rank j % world_size), appended to
     part_path batch by batch. Returns the number of samples generated."""
     batches = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)][rank::world_size]
     mine = sum(len(chunk) for chunk in batches)
-    specials = {token_space.sp.unk_id(), token_space.sp.bos_id(), token_space.sp.eos_id()}
     t_start, new_tokens, done = time.time(), 0, 0
     with open(part_path, "a", encoding="utf-8") as f:
         for chunk in batches:
             t_batch = time.time()
             samples = [token_space.generation_sample(row.images(cfg.jpeg_reencode)[-1], row.prompt) for row in chunk]
-            batch = {k: v.to(device) for k, v in collate(samples, pad_side="left").items()}
-            batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            answers = vlm.generate(batch, max_new_tokens=max_new_tokens, eos_token_id=token_space.eos,
-                                   min_new_tokens=1)
-            for row, ids in zip(chunk, answers):
-                text = token_space.sp.decode([t for t in ids if t not in specials]).strip()
+            texts, answers = greedy_answers(vlm, token_space, samples, max_new_tokens, device, dtype)
+            for row, text in zip(chunk, texts):
                 f.write(json.dumps({"index": row.index, "prediction": text, "prompt": row.prompt},
                                    ensure_ascii=False) + "\n")
             f.flush()

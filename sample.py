@@ -19,8 +19,8 @@ from PIL import Image
 from backbones import Llama
 from checkpoint import checkpoint_file, inference_vlm, read_gen_checkpoint
 from configurator import InputError, parse_config, report_input_errors
-from evaluate import torch_dtype
-from fusion import TokenSpace, TokenSpaceConfig, collate
+from evaluate import greedy_answers, torch_dtype
+from fusion import TokenSpace, TokenSpaceConfig
 from model import FusedVLMConfig
 
 
@@ -61,16 +61,11 @@ def load(cfg, device, dtype):
 
 def chat(vlm, token_space, image, questions, max_new_tokens, device, dtype):
     """Greedy answers to the questions in turn, each asked after the earlier (question, answer) turns."""
-    specials = {token_space.sp.unk_id(), token_space.sp.bos_id(), token_space.sp.eos_id()}
     turns = []
     for question in questions:
         sample = token_space.make_sample(image, turns + [(question, None)])
-        batch = {k: v.to(device) for k, v in collate([sample], pad_side="left").items()}
-        batch["pixel_values"] = batch["pixel_values"].to(dtype)
-        with torch.no_grad():
-            (ids,) = vlm.generate(batch, max_new_tokens=max_new_tokens, eos_token_id=token_space.eos,
-                                  min_new_tokens=1)
-        turns.append((question, token_space.sp.decode([t for t in ids if t not in specials]).strip()))
+        (answer,), _ = greedy_answers(vlm, token_space, [sample], max_new_tokens, device, dtype)
+        turns.append((question, answer))
     return [answer for _, answer in turns]
 
 

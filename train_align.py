@@ -65,6 +65,9 @@ class Config:
     ckpt_interval: int = 200
     seed: int = 1337  # model init and the data order
     num_workers: int = 4
+    wandb_log: bool = False  # also log metrics.jsonl's records to Weights & Biases (pip install wandb)
+    wandb_project: str = "tokenspace"
+    wandb_run_name: str = ""  # "" = out_dir's name
     # token space (fusion.py)
     image_size: int = 336
     num_crops: int = 16
@@ -137,7 +140,8 @@ start_step = (restore_training_state(ckpt_path, resumed, resumed_meta, raw_model
 
 
 def save(step):
-    meta = checkpoint_meta("align", step, steps_per_epoch, world_size, cfg, model_cfg, token_space)
+    meta = checkpoint_meta("align", step, steps_per_epoch, world_size, cfg, model_cfg, token_space,
+                           wandb_run_id=run.wandb_id)
     save_training_checkpoint(ckpt_path, raw_model, raw_model.state_dict(), optimizer, meta, device, log)
 
 

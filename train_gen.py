@@ -72,6 +72,9 @@ class Config:
     ckpt_interval: int = 200
     seed: int = 1337  # model init (fresh parts) and the data order
     num_workers: int = 4
+    wandb_log: bool = False  # also log metrics.jsonl's records to Weights & Biases (pip install wandb)
+    wandb_project: str = "tokenspace"
+    wandb_run_name: str = ""  # "" = out_dir's name
     data_fraction: float = 1.0
     val_file: str = ""  # in data_dir, like train_file; empty: no validation loss
     eval_interval: int = 200  # steps between validation losses (and one at the end)
@@ -181,7 +184,8 @@ start_step = (restore_training_state(ckpt_path, resumed, resumed_meta, raw_model
 
 
 def save(step):
-    meta = checkpoint_meta("gen", step, steps_per_epoch, world_size, cfg, model_cfg, token_space, max_iters=max_iters)
+    meta = checkpoint_meta("gen", step, steps_per_epoch, world_size, cfg, model_cfg, token_space, max_iters=max_iters,
+                           wandb_run_id=run.wandb_id)
     save_training_checkpoint(ckpt_path, raw_model, raw_model.trainable_state_dict(), optimizer, meta, device, log)
 
 

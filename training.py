@@ -2,8 +2,8 @@
 What the scripts share to run, nanochat's compute_init and a little more: the run set-up (process group, device,
 seed) of train_align.py, train_gen.py and evaluate.py; and for the two trainers the out_dir and path checks, the
 per-block wrappers (activation checkpointing, compile, FSDP2 sharding), AdamW and its schedule, gradient clipping,
-the validation batches, the log line, the metrics record and the training loop itself. What a checkpoint holds and
-how a run resumes exactly is checkpoint.py's.
+the validation batches, the log line, the metrics record (also to wandb with wandb_log=True) and the training loop
+itself. What a checkpoint holds and how a run resumes exactly is checkpoint.py's.
 
 DDP or FSDP (--fsdp=True, torchrun only). DDP keeps a whole copy of every weight on every GPU. FSDP2's fully_shard
 cuts every block's parameters (the trainable ones, their gradients and AdamW moments, and the frozen LLM's) into
@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
+from backbones import open_safetensors
 from checkpoint import local
 from configurator import InputError, parse_config
 from fusion import IGNORE, ConversationDataset, collate, step_batches
@@ -121,8 +122,27 @@ def start_training(cfg, llama_remedy, more_inputs=()):
     run.log(f"device {run.device}, world size {run.world_size}")
     train_path, val_path = check_inputs(cfg, llama_remedy, more_inputs)
     ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, run)
+    run.wandb_id, run.wandb = start_wandb(cfg, ckpt_path, run.master)
     seed_everything(cfg.seed)
     return run, train_path, val_path, ckpt_path
+
+
+def start_wandb(cfg, ckpt_path, master):
+    """nanoGPT's wandb_log: imported only when on, on rank 0 only, the run's config attached. -> (the wandb run id
+    for the checkpoint's meta, the wandb run or None). A resumed run continues the wandb run its checkpoint names;
+    the id is kept even with logging off, so a later resume with it on still continues that run."""
+    wandb_id = None
+    if cfg.resume and os.path.exists(ckpt_path):
+        with open_safetensors(ckpt_path) as f:  # the meta only, not the tensors
+            wandb_id = json.loads((f.metadata() or {}).get("meta", "{}")).get("wandb_run_id")
+    if not (cfg.wandb_log and master):
+        return wandb_id, None
+    import wandb
+    name = cfg.wandb_run_name or os.path.basename(os.path.normpath(cfg.out_dir))
+    wandb_run = wandb.init(project=cfg.wandb_project, name=name, id=wandb_id, resume="allow", config=asdict(cfg),
+                           dir=cfg.out_dir)  # its run folders go to out_dir/wandb
+    wandb_run.define_metric("*", step_metric="step")  # our step on the x axis, also after a resume
+    return wandb_run.id, wandb_run  # a fresh run: the id wandb chose
 
 
 def check_inputs(cfg, llama_remedy, more=()):
@@ -425,10 +445,12 @@ def answer_loss_step(model, micro_batches, optimizer, params, grad_clip, world_s
     return loss_sum, n_labels, grad_norm
 
 
-def write_metrics(out_dir, record, master):
+def write_metrics(out_dir, record, master, wandb_run=None):
     if master:
         with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        if wandb_run is not None:
+            wandb_run.log(record)
 
 
 class StepLog:
@@ -505,10 +527,10 @@ def train(run, cfg, raw_model, dataset, val_set, steps_per_epoch, start_step, ma
         last = step_done == max_iters or step_done == cfg.stop_at_step
         if step_done % cfg.log_interval == 0 or last:
             write_metrics(cfg.out_dir, step_log.line(step_done, max_iters, loss_sum, loss_divisor, lr, grad_norm),
-                          run.master)
+                          run.master, run.wandb)
         if val_set is not None and (step_done % cfg.eval_interval == 0 or step_done == max_iters):
             t_val = time.time()
-            write_metrics(cfg.out_dir, validate(step_done), run.master)
+            write_metrics(cfg.out_dir, validate(step_done), run.master, run.wandb)
             step_log.t_last += time.time() - t_val  # the next log line times training steps only
         if step_done % cfg.ckpt_interval == 0 or last:
             save(step_done)
@@ -519,4 +541,6 @@ def train(run, cfg, raw_model, dataset, val_set, steps_per_epoch, start_step, ma
     run.log(f"done: {steps_run} steps, {steps_run * global_batch - unreadable} samples in {time.time() - t_start:.1f} "
             f"s; skipped while training {unreadable} (" + (f"unreadable image: {unreadable}" if unreadable else "none")
             + ")")
+    if run.wandb is not None:
+        run.wandb.finish()
     run.close()

@@ -65,11 +65,13 @@ def test_train_gen_learns_to_read_the_image(synthetic_world, tmp_path, draw_imag
     write_split(data, "train", 64, 0, draw_image)
     write_split(data, "val", 32, 1, draw_image)  # neighbours differ in colour: a rolled image is always a wrong one
     out = tmp_path / "gen"
+    # lr 1e-3 for 100 steps: at 3e-3 for 60 steps the fit was seed- and package-version-dependent (it sometimes settled
+    # on a wrong colour map, loss above chance); at 1e-3 seeds 0-2 end 1.8-2.0 nats apart
     subprocess.run([sys.executable, "train_gen.py", "config/tiny.py", f"--data_dir={data}",
                     f"--clip_path={synthetic_world / 'clip'}", f"--llama_path={reader}",
-                    f"--out_dir={out}", "--num_crops=0", "--n_l=2", "--n_s=1", "--max_iters=60", "--batch_size=16",
-                    "--grad_accum=1", "--lr=3e-3", "--bridge_init_std=0.02", "--log_interval=20",
-                    "--val_file=val.jsonl", "--eval_interval=60"],
+                    f"--out_dir={out}", "--num_crops=0", "--n_l=2", "--n_s=1", "--max_iters=100", "--batch_size=16",
+                    "--grad_accum=1", "--lr=1e-3", "--bridge_init_std=0.02", "--log_interval=20",
+                    "--val_file=val.jsonl", "--eval_interval=100"],
                    cwd=ROOT, check=True, capture_output=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
 
     # the validation loss train_gen.py itself logs at the end, with each batch's images rolled by one and without
@@ -77,4 +79,4 @@ def test_train_gen_learns_to_read_the_image(synthetic_world, tmp_path, draw_imag
     last = [r for r in records if "val_loss" in r][-1]
     right, shuffled = last["val_loss"], last["val_loss_images_rolled"]
     print(f"val answer loss: {right:.3f} right images, {shuffled:.3f} shuffled")
-    assert last["step"] == 60 and shuffled - right > MARGIN, (right, shuffled)
+    assert last["step"] == 100 and shuffled - right > MARGIN, (right, shuffled)

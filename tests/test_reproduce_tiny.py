@@ -194,7 +194,7 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     assert result.returncode == 0
     gates = [line for line in result.stdout.splitlines() if "] GATE " in line]
     assert len(gates) == 3 and all(line.endswith("passed") for line in gates), gates
-    assert (tmp_path / "results" / "targets.txt").read_text().rstrip().endswith("of 3 targets met")
+    assert (tmp_path / "results" / "targets.txt").read_text().rstrip().endswith("of 4 targets met")
     with open(tmp_path / "results" / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     got = {(r["variant"], r["benchmark"], r["metric"], int(r["n_l"]), int(r["n_s"])) for r in rows}

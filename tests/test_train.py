@@ -212,8 +212,8 @@ def test_gathered_negatives_on_two_ranks_equal_one_big_batch(data_dir, tmp_path,
     run("train_align.py", monkeypatch, argv(data_dir, tmp_path / "one", *same, "--batch_size=4"))
     two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert len(two) == len(one) == 3
-    for a, b in zip(two, one):  # float32 sums in another order, through AdamW steps: 2e-5 relative (the logit-scale
-        assert a["loss"] == pytest.approx(b["loss"], rel=2e-5), a["step"]  # gradient bug this caught moved it 5e-3)
+    for a, b in zip(two, one):  # float32 sums in another order, through AdamW steps: up to 2.5e-5 relative seen (the
+        assert a["loss"] == pytest.approx(b["loss"], rel=5e-5), a["step"]  # logit-scale gradient bug it caught: 5e-3)
 
 
 def test_killed_while_saving_leaves_the_last_checkpoint(align_run, data_dir, tmp_path, monkeypatch):
