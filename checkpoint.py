@@ -56,10 +56,21 @@ def load_checkpoint(path, prefix=""):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with safe_open(path, "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        meta = meta_of(f)
         names = {today_key(k): k for k in f.keys()}
         tensors = {k: f.get_tensor(stored) for k, stored in names.items() if k.startswith(prefix)}
     return tensors, upgrade(meta)
+
+
+def meta_of(f):
+    """The meta dict of an open checkpoint file, as save_checkpoint wrote it (not upgraded)."""
+    return json.loads((f.metadata() or {}).get("meta", "{}"))
+
+
+def read_meta(path):
+    """A checkpoint file's meta in today's schema, without reading its tensors."""
+    with safe_open(path, "pt") as f:
+        return upgrade(meta_of(f))
 
 
 # Older formats. Each entry names the last format that needs it.

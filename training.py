@@ -24,7 +24,6 @@ from dataclasses import asdict
 from functools import partial
 
 import numpy as np
-from safetensors import safe_open
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -33,7 +32,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import local
+from checkpoint import local, read_meta
 from configurator import parse_config
 from fusion import IGNORE, ConversationDataset, collate, step_batches
 from model import peak_flops, train_flops
@@ -121,8 +120,7 @@ def start_wandb(cfg, ckpt_path, master):
     the id is kept even with logging off, so a later resume with it on still continues that run."""
     wandb_id = None
     if cfg.resume and os.path.exists(ckpt_path):
-        with safe_open(ckpt_path, "pt") as f:  # the meta only, not the tensors
-            wandb_id = json.loads((f.metadata() or {}).get("meta", "{}")).get("wandb_run_id")
+        wandb_id = read_meta(ckpt_path).get("wandb_run_id")
     if not (cfg.wandb_log and master):
         return wandb_id, None
     import wandb
