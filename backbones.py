@@ -12,13 +12,16 @@ equal. model.py builds the paper's model out of these; nothing here knows of it.
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from configurator import InputError
 
 # -----------------------------------------------------------------------------
 # Configs. Defaults are the paper's: CLIP ViT-H/14 at 336 px, Llama-2-7B.
@@ -474,7 +477,21 @@ def _read_config(path):
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path}: no config.json")
     with open(config_file) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{config_file}:{e.lineno}: not valid JSON ({e.msg}; download the folder again)") from None
+
+
+@contextmanager
+def open_safetensors(path):
+    """safe_open, with a truncated or corrupt file named: safetensors' own error does not say which file."""
+    try:
+        f = safe_open(path, "pt")
+    except SafetensorError as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e}; write or download it again)") from None
+    with f:
+        yield f
 
 
 def weight_files(path):
@@ -485,7 +502,7 @@ def weight_files(path):
             return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
-        with safe_open(single, "pt") as f:
+        with open_safetensors(single) as f:
             return {k: single for k in f.keys()}
     pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
     if pickles:
@@ -507,17 +524,17 @@ def _load_strict(module, path, hf_names, dtype=None):
     files = weight_files(path)
     missing = [hf for hf in hf_names.values() if hf not in files]
     if missing:
-        raise KeyError(f"{path}: checkpoint lacks {len(missing)} expected keys, e.g. {missing[:5]}")
+        raise InputError(f"{path}: checkpoint lacks {len(missing)} expected keys, e.g. {missing[:5]}")
     expected = module.state_dict()
     tensors = {}
     for file in sorted(set(files[hf] for hf in hf_names.values())):
-        with safe_open(file, "pt") as f:
+        with open_safetensors(file) as f:
             for ours, hf in hf_names.items():
                 if files[hf] != file:
                     continue
                 t = f.get_tensor(hf)
                 if tuple(t.shape) != tuple(expected[ours].shape):
-                    raise ValueError(f"{path}: {hf} has shape {tuple(t.shape)}, the config implies {tuple(expected[ours].shape)}")
+                    raise InputError(f"{path}: {hf} has shape {tuple(t.shape)}, the config implies {tuple(expected[ours].shape)}")
                 t = t.to(dtype) if dtype is not None else t.float()
                 if isinstance(expected[ours], DTensor):
                     shard = expected[ours]

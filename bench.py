@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from backbones import CLIPText, Llama, LlamaConfig, ViT, ViTConfig
 from checkpoint import checkpoint_file, inference_vlm, read_gen_checkpoint
-from configurator import parse_config
+from configurator import InputError, parse_config, report_input_errors
 from fusion import IGNORE, SLOT_ID, TokenSpace, TokenSpaceConfig
 from model import FusedVLM, FusedVLMConfig, compressor_blocks, peak_flops, train_flops
 from training import StepLog, answer_loss_step, configure_optimizer, wrap_blocks
@@ -436,7 +436,7 @@ def generation_model(cfg, device, dtype):
         trained = meta["token_space"]
         return inference_vlm(model_cfg, weights, llm, path, device, dtype), trained["n_l"], trained["num_crops"], path
     if device.type == "cpu":
-        sys.exit("--mode=generate without --ckpt builds the paper-size model (a 7B LLM): run it with --device=cuda, "
+        raise InputError("--mode=generate without --ckpt builds the paper-size model (a 7B LLM): run it with --device=cuda, "
                  "or give a (tiny) checkpoint")
     with torch.device(device):  # random weights: the speed does not depend on their values
         vlm = FusedVLM(FusedVLMConfig(compressor=cfg.compressor))
@@ -482,13 +482,13 @@ def bench_generate(cfg, device):
 def bench_train(cfg, device):
     for key in ("train_clip_path", "train_llama_path"):
         if not os.path.exists(getattr(cfg, key)):
-            sys.exit(f"{key}: {getattr(cfg, key)!r} does not exist: the CLIP and Llama folders train_gen.py reads "
+            raise InputError(f"{key}: {getattr(cfg, key)!r} does not exist: the CLIP and Llama folders train_gen.py reads "
                      f"(or pass --{key}=...)")
     dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if dtype not in ("bfloat16", "float32"):
-        sys.exit(f"--mode=train runs as train_gen.py: dtype bfloat16 or float32, got {dtype!r}")
-    bf16 = device.type == "cuda" and dtype == "bfloat16"
-    autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
+        raise InputError(f"--mode=train runs as train_gen.py: dtype bfloat16 or float32, got {dtype!r}")
+    bf16 = dtype == "bfloat16"  # as train_gen.py: the same on CPU as on GPU
+    autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
     token_space = TokenSpace(TokenSpaceConfig(
         clip_path=cfg.train_clip_path, llama_path=cfg.train_llama_path, image_size=cfg.train_image_size,
         num_crops=cfg.train_num_crops, n_l=cfg.train_n_l))
@@ -530,12 +530,13 @@ def bench_train(cfg, device):
 
 
 if __name__ == "__main__":
+    report_input_errors()
     cfg, positional = parse_config(Config(), sys.argv[1:])
     if positional:
-        sys.exit(f"bench.py takes no positional arguments, got {positional}")
+        raise InputError(f"bench.py takes no positional arguments, got {positional}")
     modes = {"modules": bench_modules, "tokens": bench_tokens, "generate": bench_generate, "train": bench_train}
     if cfg.mode not in modes:
-        sys.exit(f"--mode must be one of {', '.join(modes)}, got {cfg.mode!r}")
+        raise InputError(f"--mode must be one of {', '.join(modes)}, got {cfg.mode!r}")
     print(asdict(cfg))
     torch.set_num_threads(cfg.threads)
     t0 = time.time()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from configurator import InputError
 from scorers import MME_PERCEPTION, MME_REASONING, SCORERS
 
 # -----------------------------------------------------------------------------
@@ -73,14 +74,14 @@ KINDS = {"yes_no": POPE_LIKE, "mcq": MCQ, "vqa": BENCHMARKS["OCRVQA_TESTCORE"], 
 def benchmark_spec(name, kind=""):
     """The Benchmark a name stands for: a built-in one, or with kind (a key of KINDS) the user's own file."""
     if kind and kind not in KINDS:
-        raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise InputError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if name in BENCHMARKS:
         if kind:
-            raise ValueError(f"{name} is a built-in benchmark with its own rules; --kind is for a TSV of your own "
+            raise InputError(f"{name} is a built-in benchmark with its own rules; --kind is for a TSV of your own "
                              f"under another name")
         return BENCHMARKS[name]
     if not kind:
-        raise ValueError(f"unknown benchmark {name!r}: built in are {', '.join(BENCHMARKS)}; for a TSV of your own "
+        raise InputError(f"unknown benchmark {name!r}: built in are {', '.join(BENCHMARKS)}; for a TSV of your own "
                          f"pass --kind={'|'.join(KINDS)} (that kind's prompt and scorer)")
     return KINDS[kind]
 
@@ -117,7 +118,7 @@ class Row:
                 image = Image.open(io.BytesIO(base64.b64decode(b64)))
                 image.load()
             except Exception as e:
-                raise ValueError(f"{self.where}: the image does not decode ({e})") from None
+                raise InputError(f"{self.where}: the image does not decode ({e})") from None
             if image.mode not in ("RGB", "L"):  # RGBA and P as VLMEvalKit; other modes have no JPEG form
                 image = image.convert("RGB")
             if jpeg_reencode:
@@ -140,16 +141,16 @@ def read_tsv(path):
         reader = csv.reader(f, delimiter="\t")
         header = next(reader, None)
         if header is None:
-            raise ValueError(f"{path}: empty file, expected a header line")
+            raise InputError(f"{path}: empty file, expected a header line")
         duplicated = sorted({c for c in header if header.count(c) > 1})
         if duplicated:
-            raise ValueError(f"{path}: column(s) {duplicated} appear more than once in the header")
+            raise InputError(f"{path}: column(s) {duplicated} appear more than once in the header")
         records = []
         for cells in reader:
             if not cells:  # a blank line, skipped by pandas too
                 continue
             if len(cells) != len(header):
-                raise ValueError(f"{path} line {reader.line_num}: {len(cells)} fields, the header has {len(header)}")
+                raise InputError(f"{path} line {reader.line_num}: {len(cells)} fields, the header has {len(header)}")
             records.append((reader.line_num, dict(zip(header, cells))))
     return header, records
 
@@ -162,9 +163,9 @@ def parse_answers(text, where):
     try:
         answers = ast.literal_eval(text.strip())
     except (ValueError, SyntaxError):
-        raise ValueError(f"{where}: answer {text[:80]!r} starts with '[' but is not a list literal") from None
+        raise InputError(f"{where}: answer {text[:80]!r} starts with '[' but is not a list literal") from None
     if not isinstance(answers, list) or not answers:
-        raise ValueError(f"{where}: answer {text[:80]!r} is not a non-empty list")
+        raise InputError(f"{where}: answer {text[:80]!r} is not a non-empty list")
     return [str(a) for a in answers]
 
 
@@ -200,9 +201,9 @@ def load_benchmark(name, tsv_path, kind=""):
     required = ("index", "image", "answer") + (() if bench.kind == "caption" else ("question",)) + bench.columns
     missing = [c for c in required if c not in header]
     if missing:
-        raise ValueError(f"{tsv_path}: missing column(s) {missing} needed by {name}; the header has {header}")
+        raise InputError(f"{tsv_path}: missing column(s) {missing} needed by {name}; the header has {header}")
     if not records:
-        raise ValueError(f"{tsv_path}: no rows")
+        raise InputError(f"{tsv_path}: no rows")
     letters = [c for c in OPTION_LETTERS if c in header]
 
     image_cells, line_of = {}, {}
@@ -210,10 +211,10 @@ def load_benchmark(name, tsv_path, kind=""):
         where = f"{tsv_path} line {line} (index {cells['index']})"
         for column in required:
             if not cells[column].strip() or (column == "image" and cells[column] in PANDAS_NA):
-                raise ValueError(f"{where}: empty {column!r}")
+                raise InputError(f"{where}: empty {column!r}")
         index = index_key(cells["index"])
         if index in line_of:
-            raise ValueError(f"{where}: index {index} already used on line {line_of[index]}")
+            raise InputError(f"{where}: index {index} already used on line {line_of[index]}")
         line_of[index] = line
         image_cells[index] = cells["image"]
 
@@ -224,16 +225,19 @@ def load_benchmark(name, tsv_path, kind=""):
         image = cells["image"]
         if len(image) <= 64:  # VLMEvalKit's convention: a short cell is the index of the row holding the image
             target = index_key(image)
-            if target not in image_cells or len(image_cells[target]) <= 64:
-                raise ValueError(f"{where}: image cell {image!r} must name a row that holds an image itself")
+            if target not in image_cells:  # e.g. a truncated base64 image, not a reference
+                raise InputError(f"{where}: image cell {image!r} is too short for a base64 image and names no row "
+                                 f"(a cell of 64 characters or fewer is the index of the row holding the image)")
+            if len(image_cells[target]) <= 64:
+                raise InputError(f"{where}: image cell {image!r} must name a row that holds an image itself")
             images_b64 = [image_cells[target]]
         elif image.startswith("[") and image.endswith("]"):
             try:
                 images_b64 = ast.literal_eval(image)
             except (ValueError, SyntaxError):
-                raise ValueError(f"{where}: image cell starts with '[' but is not a list literal") from None
+                raise InputError(f"{where}: image cell starts with '[' but is not a list literal") from None
             if not isinstance(images_b64, list) or not images_b64 or not all(isinstance(b, str) for b in images_b64):
-                raise ValueError(f"{where}: image list literal must hold base64 strings")
+                raise InputError(f"{where}: image list literal must hold base64 strings")
         else:
             images_b64 = [image]
         answer, hint = cells["answer"], cells.get("hint")
@@ -243,9 +247,9 @@ def load_benchmark(name, tsv_path, kind=""):
                   hint=None if hint is None or hint in PANDAS_NA else hint,
                   fields=cells, prompt="", source=tsv_path, where=where)
         if bench.kind == "yes_no" and answer not in ("Yes", "No"):
-            raise ValueError(f"{where}: a yes/no answer must be exactly 'Yes' or 'No', got {answer!r}")
+            raise InputError(f"{where}: a yes/no answer must be exactly 'Yes' or 'No', got {answer!r}")
         if bench.kind == "mcq" and not re.fullmatch(r"[A-Z]", answer):
-            raise ValueError(f"{where}: a multiple-choice answer must be one capital letter, got {answer!r}")
+            raise InputError(f"{where}: a multiple-choice answer must be one capital letter, got {answer!r}")
         row.prompt = PROMPTS[bench.kind](row)
         rows.append(row)
     return rows
@@ -260,7 +264,7 @@ def check_indices(name, rows, predictions, source):
     known = {row.index for row in rows}
     unknown = [index for index in predictions if index not in known]
     if unknown:
-        raise ValueError(f"{source}: {len(unknown)} prediction(s) for indices not in {name}, e.g. {unknown[:5]}")
+        raise InputError(f"{source}: {len(unknown)} prediction(s) for indices not in {name}, e.g. {unknown[:5]}")
 
 
 def check_predictions(name, rows, predictions, source):
@@ -268,7 +272,7 @@ def check_predictions(name, rows, predictions, source):
     check_indices(name, rows, predictions, source)
     missing = [row.index for row in rows if row.index not in predictions]
     if missing:
-        raise ValueError(f"{source}: no prediction for {len(missing)} of the {len(rows)} rows of {name}, e.g. "
+        raise InputError(f"{source}: no prediction for {len(missing)} of the {len(rows)} rows of {name}, e.g. "
                          f"indices {missing[:5]}; a partial score is not reported")
 
 
@@ -308,7 +312,7 @@ def limit_rows(name, rows, limit, kind=""):
         return rows
     mme = benchmark_spec(name, kind).scorer == "mme"
     if mme and limit < 2 * len(MME_PERCEPTION + MME_REASONING):
-        raise ValueError(f"--limit={limit}: MME is scored from its 14 categories with both questions of an image, "
+        raise InputError(f"--limit={limit}: MME is scored from its 14 categories with both questions of an image, "
                          f"so a subset needs at least 28 rows")
     units = defaultdict(list)  # the rows that are taken together: one row, or an MME image's two questions
     for position, row in enumerate(rows):

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import sentencepiece
 
+from configurator import InputError
+
 CHAT_TEMPLATES = ("llama-2", "vicuna", "mistral", "llama-3", "chatml")
 
 
@@ -50,10 +52,10 @@ class LLMTokenizer:
             self.sp, self.fast = None, PreTrainedTokenizerFast.from_pretrained(folder)
             self.bos, self.eos = self.fast.bos_token_id, self.fast.eos_token_id
         else:
-            raise FileNotFoundError(f"llama_path={folder!r} lacks tokenizer.model and tokenizer.json: point llama_path "
-                                    f"at the LLM's checkpoint folder")
+            raise InputError(f"{folder}: llama_path lacks tokenizer.model and tokenizer.json (point llama_path at the "
+                             f"LLM's checkpoint folder)")
         if self.eos is None:
-            raise ValueError(f"{folder}: the tokenizer names no eos token")
+            raise InputError(f"{folder}: the tokenizer names no eos token (the LLM's folder must define one)")
 
     def __len__(self):
         return self.sp.get_piece_size() if self.sp else len(self.fast)
@@ -73,7 +75,7 @@ class LLMTokenizer:
         """The one id of a control token such as "<|eot_id|>"."""
         ids = self.encode_template(piece)
         if len(ids) != 1:
-            raise ValueError(f"the LLM's tokenizer has no {piece!r} token (it encodes to {ids}): the chat_template "
+            raise InputError(f"the LLM's tokenizer has no {piece!r} token (it encodes to {ids}): the chat_template "
                              f"does not fit this LLM")
         return ids[0]
 
@@ -98,7 +100,7 @@ class ChatLayout:
 def chat_layout(name, tok, system):
     """The ChatLayout `name` for the tokenizer tok and the system prompt (may be empty)."""
     if name not in CHAT_TEMPLATES:
-        raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got {name!r}")
+        raise InputError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got {name!r}")
     T, C = tok.encode, tok.encode_template
     bos = [] if tok.bos is None else [tok.bos]
     if name == "llama-2":  # the system prompt inside its piece, as the authors encoded it

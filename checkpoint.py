@@ -15,22 +15,25 @@ Tensors are full tensors under DDP and FSDP alike (FSDP gathers them from their 
 exact resume needs the same world_size (the RNG states are per rank); the trained weights go into the model before
 it is sharded or wrapped, the optimizer state after, cut like its parameter.
 
-Reading is strict: every trained tensor present with its shape, nothing unexpected. A checkpoint of an older format
-is brought to today's by upgrade() as it is read: every fix for an older checkpoint lives there.
+Reading is strict: every trained tensor present with its shape and a float dtype (float16/bfloat16 into float32 is
+allowed and logged), nothing unexpected, and every float tensor finite (a diverged run's weights would otherwise
+evaluate to a silent score of 0). Writing is guarded too: a checkpoint with a non-finite tensor is never written, so
+it never replaces the last finite one. A checkpoint of an older format is brought to today's by upgrade() as it is
+read: every fix for an older checkpoint lives there.
 """
 import json
 import os
 import random
-import sys
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from backbones import open_safetensors
+from configurator import InputError
 from model import FusedVLM
 
 # -----------------------------------------------------------------------------
@@ -38,6 +41,9 @@ from model import FusedVLM
 
 
 def save_checkpoint(path, tensors, meta):
+    bad = first_non_finite(tensors)
+    if bad:  # the training loop stops before this; a file holding NaN must never replace a finite one
+        raise SystemExit(f"error: {path}: not saved: {bad} holds non-finite values (the last checkpoint there stays)")
     tmp = path + ".tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"meta": json.dumps(meta)})
     with open(tmp, "rb") as f:
@@ -50,27 +56,40 @@ def checkpoint_file(path):
     return os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
 
 
+def first_non_finite(tensors):
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    return next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+
+
 def load_checkpoint(path, prefix=""):
     """path: a checkpoint folder or file -> (tensors whose key, in today's names, starts with prefix; meta dict)."""
     path = checkpoint_file(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    with safe_open(path, "pt") as f:
-        meta = meta_of(f)
+        raise InputError(f"{path}: checkpoint not found (give a folder holding ckpt.safetensors, or the file)")
+    with open_safetensors(path) as f:
+        meta = meta_of(f, path)
         names = {today_key(k): k for k in f.keys()}
         tensors = {k: f.get_tensor(stored) for k, stored in names.items() if k.startswith(prefix)}
+    bad = first_non_finite(tensors)
+    if bad:
+        raise InputError(f"{path}: {today_key(bad)} holds non-finite values (a diverged run's checkpoint; use an "
+                         f"earlier one)")
     return tensors, upgrade(meta)
 
 
-def meta_of(f):
-    """The meta dict of an open checkpoint file, as save_checkpoint wrote it (not upgraded)."""
-    return json.loads((f.metadata() or {}).get("meta", "{}"))
+def meta_of(f, path):
+    """The meta dict of an open checkpoint file (path: its name for errors), as save_checkpoint wrote it (not
+    upgraded)."""
+    try:
+        return json.loads((f.metadata() or {}).get("meta", "{}"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: its meta is not valid JSON ({e.msg}; not a file this project wrote)") from None
 
 
 def read_meta(path):
     """A checkpoint file's meta in today's schema, without reading its tensors."""
-    with safe_open(path, "pt") as f:
-        return upgrade(meta_of(f))
+    with open_safetensors(path) as f:
+        return upgrade(meta_of(f, path))
 
 
 # Older formats. Each entry names the last format that needs it.
@@ -96,17 +115,27 @@ def upgrade(meta):
     return meta
 
 
-def load_trainable(module, tensors, path, unused_prefixes=()):
+def load_trainable(module, tensors, path, unused_prefixes=(), log=print):
     """Strictly load trained weights into `module`'s trainable part: every trainable key must be present with
-    its shape; keys under unused_prefixes (e.g. the stage-1 text tower when building stage 2) are dropped on purpose."""
+    its shape and a float dtype (load_state_dict would cast an int32 tensor into an all-zero weight without a word);
+    keys under unused_prefixes (e.g. the stage-1 text tower when building stage 2) are dropped on purpose."""
     expected = {k: v for k, v in module.state_dict().items() if not k.startswith("llm.")}
     extra = [k for k in tensors if k not in expected and not k.startswith(tuple(unused_prefixes))]
     missing = [k for k in expected if k not in tensors]
     if missing or extra:
-        raise KeyError(f"{path}: does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise InputError(f"{path}: does not match the model (missing {missing[:5]}, unexpected {extra[:5]})")
+    cast = set()
     for k, v in expected.items():
         if tensors[k].shape != v.shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, the model expects {tuple(v.shape)}")
+            raise InputError(f"{path}: model.{k} has shape {tuple(tensors[k].shape)}, the model expects "
+                             f"{tuple(v.shape)} (a checkpoint of another model)")
+        if not tensors[k].is_floating_point():
+            raise InputError(f"{path}: model.{k} is {tensors[k].dtype}, a weight must be a float tensor (not a file "
+                             f"this project wrote)")
+        if tensors[k].dtype != v.dtype:
+            cast.add(f"{tensors[k].dtype} into {v.dtype}".replace("torch.", ""))
+    if cast:
+        log(f"{path}: weights cast {', '.join(sorted(cast))}")
     module.load_state_dict({k: tensors[k] for k in expected}, strict=False)
 
 
@@ -133,11 +162,11 @@ def read_gen_checkpoint(path):
     """-> (trained weights {module name: tensor}, meta) of a stage-2/3 checkpoint."""
     tensors, meta = load_checkpoint(path, prefix="model.")
     if meta.get("stage") != "gen":
-        raise SystemExit(f"{path}: a stage {meta.get('stage')!r} checkpoint; evaluate.py runs stage-2/3 ('gen') "
+        raise InputError(f"{path}: a stage {meta.get('stage')!r} checkpoint; evaluate.py runs stage-2/3 ('gen') "
                          f"checkpoints of train_gen.py (a stage-1 'align' checkpoint has no bridge into the LLM)")
     missing = [key for key in ("model_config", "clip_path", "llama_path", "token_space") if key not in meta]
     if missing:
-        raise SystemExit(f"{path}: its meta lacks {missing}, which the checkpoint schema requires")
+        raise InputError(f"{path}: its meta lacks {missing}, which the checkpoint schema requires")
     return trained_weights(tensors), meta
 
 
@@ -146,7 +175,7 @@ def trained_vlm(cfg, weights, llm, path):
     "model.", stripped), around an already loaded frozen LLM (a sweep shares one). Built on the meta device, so
     nothing is randomly initialised; only the trained parts get memory, on the CPU."""
     if llm.cfg != cfg.llm:
-        raise ValueError(f"{path}: trained with the LLM {cfg.llm}, given one with {llm.cfg}")
+        raise InputError(f"{path}: trained with the LLM {cfg.llm}, given one with {llm.cfg} (pass its --llama_path)")
     with torch.device("meta"):
         vlm = FusedVLM(cfg, llm=llm)
     for part in (vlm.vision, vlm.compressor, vlm.bridge):
@@ -156,12 +185,8 @@ def trained_vlm(cfg, weights, llm, path):
 
 
 def inference_vlm(model_cfg, weights, llm, path, device, dtype):
-    """trained_vlm on `device` in `dtype`, in eval mode; an LLM that is not the one it was trained with stops the run."""
-    try:
-        vlm = trained_vlm(model_cfg, weights, llm, path)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    return vlm.to(device=device, dtype=dtype).eval()
+    """trained_vlm on `device` in `dtype`, in eval mode."""
+    return trained_vlm(model_cfg, weights, llm, path).to(device=device, dtype=dtype).eval()
 
 
 def init_from(model, path, log):
@@ -180,12 +205,13 @@ def init_from(model, path, log):
               else ("text", "bridge_init_std") + (("llm",) if stage1 else ()))
     diff = config_diff(meta.get("model_config", {}), model.cfg, ignore=ignore)
     if diff:
-        sys.exit(f"init_from {path}: its model differs from this config's (checkpoint, now): {diff}")
+        raise InputError(f"{path}: init_from's model differs from this config's (checkpoint, now): {diff} (set "
+                         f"these keys as the checkpoint has them)")
     weights = trained_weights(tensors)
     if fresh:
         weights = {k: v for k, v in weights.items() if not k.startswith(fresh)}
         weights.update({k: v.detach().clone() for k, v in model.trainable_state_dict().items() if k.startswith(fresh)})
-    load_trainable(model, weights, path, unused_prefixes=("text.", "align_head.", "logit_scale"))
+    load_trainable(model, weights, path, unused_prefixes=("text.", "align_head.", "logit_scale"), log=log)
     log(f"initialised from {path} ({meta.get('stage')} checkpoint at step {meta.get('step')})")
     if swapped:
         log(f"compressor={ours}: {path} holds a {theirs} model; only its vision tower is taken, the {ours} and the "
@@ -251,16 +277,16 @@ def read_resumable(path, stage, model_cfg, train_cfg, data_order_keys, world_siz
     other settings that changed."""
     tensors, meta = load_checkpoint(path)
     if meta.get("stage") != stage:
-        raise SystemExit(f"{path}: a {meta.get('stage')!r} checkpoint, this run trains {stage!r}")
+        raise InputError(f"{path}: a {meta.get('stage')!r} checkpoint, this run trains {stage!r}")
     diff = config_diff(meta["model_config"], model_cfg)
     if diff:
-        raise SystemExit(f"{path}: model config differs from this run's (checkpoint, now): {diff}")
+        raise InputError(f"{path}: model config differs from this run's (checkpoint, now): {diff}")
     for key in data_order_keys:
         if meta["train_config"][key] != getattr(train_cfg, key):
-            raise SystemExit(f"{path}: {key}={meta['train_config'][key]} in the checkpoint, {getattr(train_cfg, key)} "
+            raise InputError(f"{path}: {key}={meta['train_config'][key]} in the checkpoint, {getattr(train_cfg, key)} "
                              f"now: the data order would not continue; resume with the checkpoint's value")
     if meta["world_size"] != world_size:
-        raise SystemExit(f"{path}: saved by {meta['world_size']} processes, resumed by {world_size}: use the same count")
+        raise InputError(f"{path}: saved by {meta['world_size']} processes, resumed by {world_size}: use the same count")
     changed = {k: (v, getattr(train_cfg, k)) for k, v in meta["train_config"].items()
                if k != "resume" and hasattr(train_cfg, k) and v != getattr(train_cfg, k)}
     if changed:
@@ -272,6 +298,10 @@ def restore_training_state(path, tensors, meta, model, optimizer, rank, device, 
     """AdamW state (each tensor cut like its parameter) and this rank's RNG states; -> the step to continue at."""
     for name, p in model.named_parameters():
         if p.requires_grad and f"optim.{name}.step" in tensors:
+            missing = [k for k in ("exp_avg", "exp_avg_sq") if f"optim.{name}.{k}" not in tensors]
+            if missing:
+                raise InputError(f"{path}: optim.{name} lacks {missing} (the optimizer state is incomplete; resume "
+                                 f"from another checkpoint, or start from it with init_from)")
             state = {}
             for key in ("exp_avg", "exp_avg_sq"):
                 value = tensors[f"optim.{name}.{key}"].to(local(p).device)

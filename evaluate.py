@@ -47,12 +47,12 @@ import torch
 from backbones import Llama
 from benchmarks import benchmark_spec, check_indices, limit_rows, load_benchmark, score
 from checkpoint import checkpoint_file, inference_vlm, read_gen_checkpoint
-from configurator import parse_config
+from configurator import InputError, parse_config, report_input_errors
 from fusion import TokenSpace, TokenSpaceConfig, collate
 from model import FusedVLMConfig
 from predictions import (already_scored, append_results, claim_run_dir, merge_predictions, print_table,
                          read_prediction_records, read_predictions)
-from training import Run
+from training import Run, lock_folder
 
 # -----------------------------------------------------------------------------
 # config
@@ -95,7 +95,7 @@ VARIANTS = {(False, False): "VQQ", (False, True): "VQ", (True, True): "VQ-ft"}  
 def torch_dtype(cfg, device):
     dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     return getattr(torch, dtype)
 
 
@@ -104,7 +104,7 @@ def run_settings(cfg, meta, model_cfg, path):
     trained = meta["token_space"]
     drop_question = trained["drop_question"] if cfg.drop_question is None else cfg.drop_question
     if drop_question and model_cfg.compressor != "fused":
-        raise SystemExit(f"{path}: drop_question=True is the fused model's VQ ablation; this checkpoint's "
+        raise InputError(f"{path}: drop_question=True is the fused model's VQ ablation; this checkpoint's "
                          f"compressor={model_cfg.compressor} never reads the question")
     ts_cfg = TokenSpaceConfig(clip_path=cfg.clip_path or meta["clip_path"],
                               llama_path=cfg.llama_path or meta["llama_path"], image_size=trained["image_size"],
@@ -115,13 +115,13 @@ def run_settings(cfg, meta, model_cfg, path):
                               system_prompt=trained["system_prompt"],
                               chat_template=trained["chat_template"])
     if ts_cfg.n_l - 1 > model_cfg.n_queries:
-        raise SystemExit(f"{path}: n_l={ts_cfg.n_l} needs {ts_cfg.n_l - 1} learned queries, the checkpoint has "
+        raise InputError(f"{path}: n_l={ts_cfg.n_l} needs {ts_cfg.n_l - 1} learned queries, the checkpoint has "
                          f"{model_cfg.n_queries}")
     # the paper's names label fused models; another compressor is labelled by its name (pool, resampler)
     variant = cfg.variant or (VARIANTS.get((trained["drop_question"], drop_question)) if model_cfg.compressor == "fused"
                               else model_cfg.compressor)
     if variant is None:
-        raise SystemExit(f"{path} was trained with drop_question=True and runs with the question: name this "
+        raise InputError(f"{path} was trained with drop_question=True and runs with the question: name this "
                          f"combination with --variant")
     return ts_cfg, variant
 
@@ -133,7 +133,7 @@ def shuffle_images(rows):
     replacement depends on the file alone (the same with --limit and on any number of ranks)."""
     images = list(dict.fromkeys(tuple(row.images_b64) for row in rows))
     if len(images) < 2:
-        raise SystemExit(f"{rows[0].source}: --image_ablation=shuffle needs at least two different images")
+        raise InputError(f"{rows[0].source}: --image_ablation=shuffle needs at least two different images")
     random.Random(0).shuffle(images)
     shown = {image: list(images[(k + 1) % len(images)]) for k, image in enumerate(images)}
     return [dataclasses.replace(row, images_b64=shown[tuple(row.images_b64)]) for row in rows]
@@ -176,15 +176,12 @@ def predict(vlm, token_space, todo, part_path, max_new_tokens, cfg, device, dtyp
 
 def benchmark_files(cfg, names):
     """{name: TSV path}, after checking that every name is a benchmark (built in, or --kind given)."""
-    try:
-        for name in names:
-            benchmark_spec(name, cfg.kind)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    for name in names:
+        benchmark_spec(name, cfg.kind)
     if cfg.tsv and len(names) > 1:
-        raise SystemExit("--tsv names the file of a single benchmark; with several use --bench_dir")
+        raise InputError("--tsv names the file of a single benchmark; with several use --bench_dir")
     if cfg.image_ablation not in ("", "shuffle"):
-        raise SystemExit(f"image_ablation must be shuffle or empty, got {cfg.image_ablation!r}")
+        raise InputError(f"image_ablation must be shuffle or empty, got {cfg.image_ablation!r}")
     return {n: cfg.tsv or os.path.join(cfg.bench_dir, n + ".tsv") for n in names}
 
 
@@ -201,15 +198,18 @@ def evaluate_checkpoints(cfg, run):
     dtype = torch_dtype(cfg, device)
     names, ckpts = [n for n in cfg.benchmarks.split(",") if n], [c for c in cfg.ckpt.split(",") if c]
     if not ckpts:
-        raise SystemExit("give --ckpt=DIR[,DIR2,...] (or --score_only=True)")
+        raise InputError("give --ckpt=DIR[,DIR2,...] (or --score_only=True)")
     if not names:
-        raise SystemExit("give --benchmarks=NAME[,NAME2,...]")
+        raise InputError("give --benchmarks=NAME[,NAME2,...]")
     tsv_of = benchmark_files(cfg, names)
     missing = [p for p in list(tsv_of.values()) + [checkpoint_file(c) for c in ckpts] if not os.path.isfile(p)]
     if missing:
-        raise SystemExit(f"not found: {missing} (benchmark TSVs go in --bench_dir as <NAME>.tsv; a checkpoint is a "
+        raise InputError(f"not found: {missing} (benchmark TSVs go in --bench_dir as <NAME>.tsv; a checkpoint is a "
                          f"folder with ckpt.safetensors or the file)")
     results_path = os.path.join(cfg.out_dir, "results.csv")
+    if rank == 0:  # one evaluation per out_dir at a time: two would interleave results.csv and the predictions
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        lock_folder(cfg.out_dir)
     scored = already_scored(results_path)
     log = run.log
     log(f"{len(ckpts)} checkpoint(s) x {len(names)} benchmark(s) on {world_size} x {device.type} in {dtype}; "
@@ -224,7 +224,7 @@ def evaluate_checkpoints(cfg, run):
         variant += "-shuffled" if cfg.image_ablation == "shuffle" else ""
         run_dir = os.path.join(cfg.out_dir, f"{variant}_nl{ts_cfg.n_l}")
         if run_dir in run_dirs:
-            raise SystemExit(f"{ckpt} and {run_dirs[run_dir]} would both write {run_dir}: evaluate them in separate "
+            raise InputError(f"{ckpt} and {run_dirs[run_dir]} would both write {run_dir}: evaluate them in separate "
                              f"calls with different --out_dir or --variant")
         run_dirs[run_dir] = ckpt
         if rank == 0:
@@ -277,9 +277,9 @@ def evaluate_checkpoints(cfg, run):
 def score_predictions_file(cfg):
     """--score_only: a predictions file of any model against one benchmark (its --limit subset with --limit)."""
     if not cfg.predictions:
-        raise SystemExit("--score_only=True needs --predictions=FILE.jsonl")
+        raise InputError("--score_only=True needs --predictions=FILE.jsonl")
     if "," in cfg.benchmarks:
-        raise SystemExit(f"--score_only scores one benchmark, got {cfg.benchmarks!r}")
+        raise InputError(f"--score_only scores one benchmark, got {cfg.benchmarks!r}")
     name = cfg.benchmarks
     all_rows, rows = load_rows(cfg, name, benchmark_files(cfg, [name])[name])
     predictions = read_predictions(cfg.predictions)
@@ -298,7 +298,10 @@ def score_predictions_file(cfg):
 def main(argv):
     cfg, positional = parse_config(Config(), argv)
     if positional:
-        raise SystemExit(f"evaluate.py takes no positional arguments, got {positional}")
+        raise InputError(f"evaluate.py takes no positional arguments, got {positional}")
+    if cfg.batch_size <= 0 or cfg.limit < 0:  # before any model is loaded: batch_size 0 once divided by zero after it
+        raise InputError(f"batch_size must be >= 1 and limit >= 0, got {cfg.batch_size} and {cfg.limit} (pass "
+                         f"--batch_size=N)")
     if cfg.score_only:
         return score_predictions_file(cfg)
     run = Run(cfg.device)
@@ -309,4 +312,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    report_input_errors()
     main(sys.argv[1:])

@@ -68,6 +68,7 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 from chat import LLMTokenizer, chat_layout
+from configurator import InputError
 
 DEFAULT_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
                          "gives helpful, detailed, and polite answers to the user's questions.")
@@ -171,12 +172,12 @@ class TokenSpace:
     def __init__(self, cfg: TokenSpaceConfig):
         missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(cfg.clip_path, f))]
         if missing:
-            raise FileNotFoundError(f"clip_path={cfg.clip_path!r} lacks {', '.join(missing)}: point clip_path at the "
-                                    f"checkpoint folder that holds vocab.json and merges.txt")
+            raise InputError(f"{cfg.clip_path}: clip_path lacks {', '.join(missing)} (point clip_path at the checkpoint "
+                             f"folder that holds vocab.json and merges.txt)")
         if cfg.n_l < 1 or cfg.n_s < 1:
-            raise ValueError(f"n_l and n_s must be >= 1, got n_l={cfg.n_l}, n_s={cfg.n_s}")
+            raise InputError(f"n_l and n_s must be >= 1, got n_l={cfg.n_l}, n_s={cfg.n_s}")
         if cfg.image_size < 1 or cfg.num_crops < 0 or cfg.max_answer_tokens < 1:
-            raise ValueError(f"bad token-space sizes in {cfg}")
+            raise InputError(f"bad token-space sizes in {cfg}")
         self.cfg = cfg
         self.tokenizer = LLMTokenizer(cfg.llama_path)
         self.sp = self.tokenizer.sp  # the raw SentencePiece model (None for a tokenizer.json), for callers in its ids
@@ -437,9 +438,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.offsets = np.array(offsets, dtype=np.int64)
         self.line_numbers = np.array(line_numbers, dtype=np.int64)
         self.turns_kept = np.array(turns_kept, dtype=np.int64)
-        self.unreadable = set()  # indices whose image failed to decode (skip_bad)
         if not len(self):
-            raise ValueError(f"no usable samples in {self.summary()}")
+            raise InputError(f"no usable samples in {self.summary()}")
 
     def boxes_mapped(self, turns, size):
         S = self.token_space.cfg.image_size
@@ -447,33 +447,28 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def _bad(self, line_number, error):
         if not self.skip_bad:
-            raise ValueError(f"{self.path}, line {line_number}: {error} (skip_bad=True skips and counts such lines)")
+            raise InputError(f"{self.path}, line {line_number}: {error} (skip_bad=True skips and counts such lines)")
         self.skipped[error.reason] += 1
 
     def __len__(self):
         return len(self.offsets)
 
     def __getitem__(self, index):
-        # a decode failure with skip_bad: count it once, say so on stderr, serve the next readable sample.
-        # (In DataLoader workers the count lives in the worker's copy; the stderr line is the record.)
+        """-> the sample, or None when its image does not decode and skip_bad is set: collate leaves it out of its
+        batch and counts it there (a DataLoader worker's own count would never reach the training loop), rather
+        than filling the slot with another line that the epoch then trains twice."""
         if not -len(self) <= index < len(self):
             raise IndexError(index)
-        for step in range(len(self)):
-            i = (index + step) % len(self)
-            if i in self.unreadable:
-                continue
-            with open(self.path, "rb") as f:
-                f.seek(int(self.offsets[i]))
-                image, turns = parse_record(f.readline())
-            try:
-                img = load_image(os.path.join(self.image_root, image))
-            except BadSample as e:
-                self._bad(self.line_numbers[i], e)
-                self.unreadable.add(i)
-                print(f"skipping {self.path}, line {self.line_numbers[i]}: {e}", file=sys.stderr)
-                continue
-            return self.token_space.make_sample(img, self.boxes_mapped(turns[:self.turns_kept[i]], img.size))
-        raise ValueError(f"{self.path}: no sample has a readable image")
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[index]))
+            image, turns = parse_record(f.readline())
+        try:
+            img = load_image(os.path.join(self.image_root, image))
+        except BadSample as e:
+            self._bad(self.line_numbers[index], e)
+            print(f"skipping {self.path}, line {self.line_numbers[index]}: {e}", file=sys.stderr)
+            return None
+        return self.token_space.make_sample(img, self.boxes_mapped(turns[:self.turns_kept[index]], img.size))
 
     def summary(self):
         skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items())) or "none"
@@ -498,8 +493,13 @@ def pad_stack(rows, value, side="right"):
 def collate(samples, pad_side="right"):
     """Samples -> one batch dict (the keys FusedVLM and AlignModel read). pad_side applies to the LLM sequence
     ("left" for generation); the fused sequence is always right-padded (FusedModel puts it after each sample's
-    vision tokens)."""
+    vision tokens). A None sample (an unreadable image under skip_bad) is left out and counted in "unreadable"."""
     assert pad_side in ("right", "left"), pad_side
+    unreadable = sum(s is None for s in samples)
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        raise InputError(f"every image of a batch of {unreadable} is unreadable (see the lines above; fix or remove "
+                         f"those lines)")
     crops = [s["pixel_values"] for s in samples]
     answers = [a for s in samples for a in s["answer_ids"]]
     batch = {
@@ -520,6 +520,7 @@ def collate(samples, pad_side="right"):
     else:  # generation batches carry no answers
         batch["answer_ids"] = torch.zeros(0, 0, dtype=torch.long)
         batch["answer_attention_mask"] = torch.zeros(0, 0, dtype=torch.bool)
+    batch["unreadable"] = torch.tensor(unreadable)
     return batch
 
 

@@ -10,6 +10,7 @@ import json
 import os
 
 from benchmarks import index_key, row_results
+from configurator import InputError
 
 RESULTS_HEADER = ["variant", "benchmark", "metric", "n_l", "n_s", "score", "ckpt", "n_samples"]
 
@@ -24,20 +25,20 @@ def read_prediction_records(path, allow_empty=False):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
+                raise InputError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or "index" not in record or "prediction" not in record:
-                raise ValueError(f"{path} line {line_no}: expected an object with 'index' and 'prediction'")
+                raise InputError(f"{path} line {line_no}: expected an object with 'index' and 'prediction'")
             index, prediction = record["index"], record["prediction"]
             if isinstance(index, bool) or not isinstance(index, (int, str)):
-                raise ValueError(f"{path} line {line_no}: index must be an integer or a string, got {index!r}")
+                raise InputError(f"{path} line {line_no}: index must be an integer or a string, got {index!r}")
             if not isinstance(prediction, str):
-                raise ValueError(f"{path} line {line_no}: prediction must be a string, got {prediction!r}")
+                raise InputError(f"{path} line {line_no}: prediction must be a string, got {prediction!r}")
             key = index_key(index)
             if key in predictions:
-                raise ValueError(f"{path} line {line_no}: index {index!r} already predicted on line {line_of[key]}")
+                raise InputError(f"{path} line {line_no}: index {index!r} already predicted on line {line_of[key]}")
             predictions[key], line_of[key] = record, line_no
     if not predictions and not allow_empty:
-        raise ValueError(f"{path}: no predictions in the file")
+        raise InputError(f"{path}: no predictions in the file")
     return predictions
 
 
@@ -71,7 +72,7 @@ def append_results(path, variant, benchmark, n_l, n_s, scores, ckpt, n_samples):
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
         if header != RESULTS_HEADER:
-            raise ValueError(f"{path}: header {header} is not {RESULTS_HEADER}; write the results somewhere else")
+            raise InputError(f"{path}: header {header} is not {RESULTS_HEADER}; write the results somewhere else")
         new = False
     else:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -101,7 +102,7 @@ def claim_run_dir(run_dir, settings):
         if before != settings:
             changed = {k: (before.get(k), settings.get(k)) for k in settings.keys() | before.keys()
                        if before.get(k) != settings.get(k)}
-            raise SystemExit(f"{path}: the predictions there were made with other settings (then, now): {changed}; "
+            raise InputError(f"{path}: the predictions there were made with other settings (then, now): {changed}; "
                              f"use another out_dir or --variant")
         return
     os.makedirs(run_dir, exist_ok=True)
@@ -131,7 +132,7 @@ def merge_predictions(path, name, rows, kind):
         found = read_prediction_records(file, allow_empty=True)
         unknown = [index for index in found if index not in known]
         if unknown:
-            raise SystemExit(f"{file}: predictions for indices that {rows[0].source} does not have, e.g. "
+            raise InputError(f"{file}: predictions for indices that {rows[0].source} does not have, e.g. "
                              f"{unknown[:5]}; it was made from another file: remove it or use another out_dir")
         twice = [index for index in found if index in records]
         if twice:  # a merge interrupted between writing the predictions file and removing the parts

@@ -18,7 +18,7 @@ from PIL import Image
 
 from backbones import Llama
 from checkpoint import checkpoint_file, inference_vlm, read_gen_checkpoint
-from configurator import parse_config
+from configurator import InputError, parse_config, report_input_errors
 from evaluate import greedy_answers, torch_dtype
 from fusion import TokenSpace, TokenSpaceConfig
 from model import FusedVLMConfig
@@ -53,7 +53,7 @@ def load(cfg, device, dtype):
                               system_prompt=trained["system_prompt"],
                               chat_template=trained["chat_template"])
     if max(ts_cfg.n_l, ts_cfg.n_s) - 1 > model_cfg.n_queries:
-        raise SystemExit(f"{path}: n_l={ts_cfg.n_l}, n_s={ts_cfg.n_s} need up to {max(ts_cfg.n_l, ts_cfg.n_s) - 1} "
+        raise InputError(f"{path}: n_l={ts_cfg.n_l}, n_s={ts_cfg.n_s} need up to {max(ts_cfg.n_l, ts_cfg.n_s) - 1} "
                          f"learned queries, the checkpoint has {model_cfg.n_queries}")
     llm = Llama.from_hf(ts_cfg.llama_path, dtype=dtype).to(device)
     return inference_vlm(model_cfg, weights, llm, path, device, dtype), TokenSpace(ts_cfg)
@@ -73,16 +73,16 @@ def main(argv):
     questions = [arg.partition("=")[2] for arg in argv if arg.startswith("--question=")]
     cfg, positional = parse_config(Config(), argv)
     if positional:
-        raise SystemExit(f"sample.py takes no positional arguments, got {positional}")
+        raise InputError(f"sample.py takes no positional arguments, got {positional}")
     if not questions and cfg.question:  # a config file may set one question
         questions = [cfg.question]
     if not cfg.ckpt or not cfg.image or not questions:
-        raise SystemExit("give --ckpt=DIR --image=FILE --question=\"...\" (repeat --question for a chat)")
+        raise InputError("give --ckpt=DIR --image=FILE --question=\"...\" (repeat --question for a chat)")
     try:
         with Image.open(cfg.image) as f:
             image = f.convert("RGB")
     except OSError as e:
-        raise SystemExit(f"{cfg.image}: not an image Pillow can read ({e})") from None
+        raise InputError(f"{cfg.image}: not an image Pillow can read ({e})") from None
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch_dtype(cfg, device)
     vlm, token_space = load(cfg, device, dtype)
@@ -96,4 +96,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    report_input_errors()
     main(sys.argv[1:])

@@ -11,9 +11,13 @@ The two-regime law grows like n^(beta/2) while n << n_b and like n^beta once n >
 alpha(n) runs from -beta/2 to -beta; fits.csv therefore leaves alpha blank for it (beta and n_b say it all).
 Both laws are scored on the same log-space residuals (the power law is fitted there), so their AICs compare.
 
+A score of 0 is a measurement (the F1 of a model that never answers yes), not a bad row, but ln S cannot take it:
+it is left out of the fits, counted per curve, and drawn as an excluded point; a curve with fewer than 3 positive
+scores is drawn, not fitted.
+
 Writes fits.csv, scaling_fit.png and, with exactly two variants, difference.png (A minus B) to out_dir, and prints
-a table. Bad input rows stop the run with file:line (line 1 is the header, as an editor counts), or with
---skip_bad=True are skipped and listed.
+a table. Bad input rows (a score missing, negative or not a finite number, ...) stop the run with file:line (line
+1 is the header, as an editor counts), or with --skip_bad=True are skipped and listed.
 """
 import csv
 import math
@@ -90,8 +94,8 @@ def parse_row(fields, n_columns):
         value = float(score)
     except ValueError:
         raise ValueError(f"score {score!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"score {score} is not a positive finite number (the laws fit ln S)")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"score {score} is not a finite number >= 0")
     return variant, benchmark, metric, n_l, value
 
 
@@ -195,6 +199,23 @@ def fit_mask(groups, excluded):
         if masks[key].sum() < 3:
             raise BadInput(f"--exclude leaves {' '.join(key)} with {masks[key].sum()} points, a fit needs 3")
     return masks
+
+
+def leave_out_zeros(groups, masks):
+    """Zero scores out of the fits (masks updated), one note per curve that has any -> the keys of the curves left
+    with fewer than 3 points to fit, which are drawn but not fitted."""
+    unfitted = set()
+    for key, group in groups.items():
+        zero = np.array([p.score == 0 for p in group])
+        if not zero.any():
+            continue
+        masks[key] &= ~zero
+        note = f"{' '.join(key)}: {zero.sum()} of {len(group)} scores are 0, left out of the log-space fits"
+        if masks[key].sum() < 3:
+            unfitted.add(key)
+            note += f"; not fitted ({masks[key].sum()} points left, a fit needs 3)"
+        print(note)
+    return unfitted
 
 
 # -----------------------------------------------------------------------------
@@ -326,6 +347,8 @@ def plot_fits(groups, masks, fits, variants, panels, path):
             used, colour = masks[key], colours[variant]
             ax.scatter(np.log2(n[used]), s[used], s=14, color=colour, zorder=3)
             ax.scatter(np.log2(n[~used]), s[~used], s=14, facecolors="none", edgecolors=colour, zorder=3)
+            if key + ("power",) not in by_key:  # too few positive scores to fit (leave_out_zeros)
+                continue
             grid = np.geomspace(n.min(), n.max(), 100)
             power, two = by_key[key + ("power",)], by_key[key + ("two_regime",)]
             ax.plot(np.log2(grid), power_law(grid, power["c"], power["alpha"]), color=colour, lw=1.2)
@@ -385,11 +408,18 @@ def main(argv):
     if not groups:
         raise BadInput("no curve left to fit")
     masks = fit_mask(groups, parse_exclude(cfg.exclude))
-    print(f"{sum(map(len, groups.values()))} points, {len(groups)} curves, "
-          f"{sum((~m).sum() for m in masks.values())} points excluded from the fits")
+    excluded = sum((~m).sum() for m in masks.values())
+    unfitted = leave_out_zeros(groups, masks)
+    print(f"{sum(map(len, groups.values()))} points, {len(groups)} curves, {excluded} points excluded from the fits "
+          f"(--exclude), {sum((~m).sum() for m in masks.values()) - excluded} more with a score of 0; "
+          f"{len(unfitted)} curves not fitted")
+    if len(unfitted) == len(groups):
+        raise BadInput("no curve has 3 positive scores to fit")
 
     fits = []
     for key, group in groups.items():
+        if key in unfitted:
+            continue
         n = np.array([p.n for p in group], dtype=float)[masks[key]]
         s = np.array([p.score for p in group])[masks[key]]
         fits += [dict(variant=key[0], benchmark=key[1], metric=key[2], **fit) for fit in fit_group(n, s)]

@@ -8,6 +8,8 @@ import math
 import re
 from collections import Counter, defaultdict
 
+from configurator import InputError
+
 # -----------------------------------------------------------------------------
 # answer normalisation and extraction
 
@@ -155,13 +157,13 @@ def score_mme(rows, extracted, scores):
         pairs[(row.fields["category"], row.fields["image_path"])].append((row, right == 1))
     for (category, image_path), questions in pairs.items():
         if len(questions) != 2:
-            raise ValueError(f"{questions[0][0].where}: MME image {image_path!r} in category {category!r} has "
+            raise InputError(f"{questions[0][0].where}: MME image {image_path!r} in category {category!r} has "
                              f"{len(questions)} questions (indices {[r.index for r, _ in questions]}), expected 2")
     categories = {category for category, _ in pairs}
     unknown = sorted(categories - set(MME_PERCEPTION + MME_REASONING))
     absent = [c for c in MME_PERCEPTION + MME_REASONING if c not in categories]
     if unknown or absent:
-        raise ValueError(f"{rows[0].source}: MME categories do not match the 14 of MME "
+        raise InputError(f"{rows[0].source}: MME categories do not match the 14 of MME "
                          f"(unknown {unknown}, absent {absent}); its totals would mean something else")
     category_scores = {}
     for category in MME_PERCEPTION + MME_REASONING:
@@ -184,7 +186,7 @@ def score_hallusion(rows, extracted, scores):
     for row, right in zip(rows, scores):
         parts = row.index.split("_")
         if len(parts) < 6:  # VLMEvalKit reads set, figure and question ids from fields 3, 4, 5 of the index
-            raise ValueError(f"{row.where}: a HallusionBench index is <category>_<subcategory>_<x>_<set>_<figure>_"
+            raise InputError(f"{row.where}: a HallusionBench index is <category>_<subcategory>_<x>_<set>_<figure>_"
                              f"<question>, got {row.index!r}")
         l2, (set_id, figure_id, question_id) = row.fields["l2-category"], parts[3:6]
         keyed.append((row, right == 1, (l2, set_id, figure_id), (l2, set_id, question_id)))

@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from backbones import CLIPText, ViT
 from checkpoint import (checkpoint_meta, load_trainable, read_resumable, restore_training_state,
                         save_training_checkpoint, trained_weights)
+from configurator import InputError, report_input_errors
 from fusion import TokenSpace, TokenSpaceConfig
 from model import AlignModel, FusedVLMConfig
 from training import (all_reduce, clip_gradients, configure_optimizer, distribute, epoch_steps, gradient_sync,
-                      read_config, read_datasets, start_training, train, val_mean)
+                      read_config, read_datasets, start_training, stop_if_diverged, train, val_mean)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Config:
     activation_checkpointing: bool = False  # recompute each ViT, fused and text block in the backward
 
 
+report_input_errors()
 cfg = read_config(Config(), sys.argv[1:], "train_align.py")
 run, train_path, val_path, ckpt_path = start_training(cfg, "download the LLM's folder with its tokenizer.model or "
                                                            "tokenizer.json, e.g. meta-llama/Llama-2-7b-chat-hf, and put it there")
@@ -117,7 +119,7 @@ steps_per_epoch = epoch_steps(len(dataset), cfg.batch_size, cfg.grad_accum, worl
 vit = ViT.from_hf(cfg.clip_path, image_size=cfg.image_size)
 text = CLIPText.from_hf(cfg.clip_path, max_positions=cfg.text_max_positions)
 if text.cfg.eos_token_id != token_space.clip_eos:  # the tower pools at its config's EOS id, the answer rows end in this one
-    sys.exit(f"{cfg.clip_path}/config.json: text eos_token_id {text.cfg.eos_token_id} is not the tokenizer's "
+    raise InputError(f"{cfg.clip_path}/config.json: text eos_token_id {text.cfg.eos_token_id} is not the tokenizer's "
              f"<|endoftext|> id {token_space.clip_eos}: the text tower would pool at the wrong token")
 model_cfg = FusedVLMConfig(vit=vit.cfg, text=text.cfg, fused_layers=cfg.fused_layers, fused_heads=cfg.fused_heads,
                            fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip))
@@ -190,6 +192,7 @@ def train_step(micro_batches, step_log):
     if cfg.fsdp:  # the whole logit scale on every rank: average its gradient as DDP does
         all_reduce(raw_model.logit_scale.grad).div_(world_size)
     grad_norm = clip_gradients(list(raw_model.parameters()), cfg.grad_clip)
+    stop_if_diverged(loss_sum, grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():

@@ -47,6 +47,7 @@ import torch
 from backbones import Llama, ViT
 from checkpoint import (checkpoint_meta, init_from, load_trainable, read_resumable, restore_training_state,
                         save_training_checkpoint, trained_weights)
+from configurator import InputError, report_input_errors
 from fusion import TokenSpace, TokenSpaceConfig
 from model import COMPRESSORS, FusedVLM, FusedVLMConfig
 from training import (answer_loss_step, configure_optimizer, distribute, epoch_steps, read_config, read_datasets,
@@ -107,13 +108,15 @@ class Config:
     activation_checkpointing: bool = False  # recompute each ViT and fused block in the backward
 
 
+report_input_errors()
 cfg = read_config(Config(), sys.argv[1:], "train_gen.py")
 if not 0 < cfg.data_fraction <= 1:
-    sys.exit(f"data_fraction must be in (0, 1], got {cfg.data_fraction}")
+    raise InputError(f"data_fraction must be in (0, 1], got {cfg.data_fraction}")
 if cfg.compressor not in COMPRESSORS:
-    sys.exit(f"compressor must be one of {', '.join(COMPRESSORS)}, got {cfg.compressor!r}")
+    raise InputError(f"compressor must be one of {', '.join(COMPRESSORS)}, got {cfg.compressor!r}")
 if cfg.drop_question and cfg.compressor != "fused":
-    sys.exit(f"drop_question=True is the fused model's VQ ablation; compressor={cfg.compressor} never reads the question")
+    raise InputError(f"drop_question=True is the fused model's VQ ablation (compressor={cfg.compressor} never reads "
+                     f"the question)")
 run, train_path, val_path, ckpt_path = start_training(
     cfg, "download the LLM's folder (config.json, *.safetensors, tokenizer.model or tokenizer.json), e.g. "
          "meta-llama/Llama-2-7b-chat-hf, and put it there",

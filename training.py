@@ -12,12 +12,13 @@ and again before its backward), and its gradients are reduce-scattered after its
 DDP averages them, so the trainers' loss normalisation is the same under both. On GPU with dtype=bfloat16 the
 gathered weights are bf16 and the gradients are reduced in fp32; the sharded master weights and AdamW stay fp32.
 """
+import atexit
 import json
 import math
 import os
 import random
 import resource
-import sys
+import socket
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -33,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from checkpoint import local, read_meta
-from configurator import parse_config
+from configurator import InputError, parse_config
 from fusion import IGNORE, ConversationDataset, collate, step_batches
 from model import peak_flops, train_flops
 
@@ -86,14 +87,23 @@ def seed_everything(seed):
 
 
 def read_config(config, argv, script):
-    """configurator.parse_config plus the checks both trainers share."""
+    """configurator.parse_config plus the checks both trainers share, all before anything is built: a negative
+    batch_size once made fusion.step_batches loop forever, a zero one a ZeroDivisionError minutes in."""
     cfg, positional = parse_config(config, argv)
     if positional:
-        sys.exit(f"unexpected arguments {positional}: use --key=value")
+        raise InputError(f"unexpected arguments {positional} (use --key=value)")
     if cfg.dtype not in ("bfloat16", "float32"):
-        sys.exit(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
+        raise InputError(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
     if cfg.fsdp and "RANK" not in os.environ:
-        sys.exit(f"fsdp=True shards over the processes of torchrun: run torchrun --nproc_per_node=N {script} ...")
+        raise InputError(f"fsdp=True shards over the processes of torchrun (run torchrun --nproc_per_node=N {script} "
+                         f"...)")
+    positive = ["batch_size", "grad_accum", "log_interval", "ckpt_interval", "eval_interval"]
+    positive.append("max_iters" if not hasattr(cfg, "epochs") or cfg.max_iters else "epochs")  # train_gen: either
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise InputError(f"{key} must be a positive integer, got {getattr(cfg, key)} (pass --{key}=N, N >= 1)")
+    if cfg.max_iters < 0 or cfg.stop_at_step < 0:
+        raise InputError(f"max_iters and stop_at_step must be >= 0, got {cfg.max_iters} and {cfg.stop_at_step}")
     return cfg
 
 
@@ -103,12 +113,13 @@ def start_training(cfg, llama_remedy, more_inputs=()):
     run = Run()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    run.bf16 = run.device.type == "cuda" and cfg.dtype == "bfloat16"
-    run.autocast = torch.autocast("cuda", torch.bfloat16) if run.bf16 else nullcontext()
+    # the same on CPU as on GPU: on CPU it is slower than float32, and there to check the GPU path (docs/training.md)
+    run.bf16 = cfg.dtype == "bfloat16"
+    run.autocast = torch.autocast(run.device.type, torch.bfloat16) if run.bf16 else nullcontext()
     run.log(json.dumps(asdict(cfg), indent=1))
     run.log(f"device {run.device}, world size {run.world_size}")
     train_path, val_path = check_inputs(cfg, llama_remedy, more_inputs)
-    ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, run.master)
+    ckpt_path = claim_out_dir(cfg.out_dir, cfg.resume, run)
     run.wandb_id, run.wandb = start_wandb(cfg, ckpt_path, run.master)
     seed_everything(cfg.seed)
     return run, train_path, val_path, ckpt_path
@@ -145,21 +156,85 @@ def check_inputs(cfg, llama_remedy, more=()):
         entries.append(("val_file", val_path, "write a held-out JSONL there, as for train_file"))
     for key, path, remedy in [*entries, *more]:
         if not os.path.exists(path):
-            sys.exit(f"{key}: {path!r} does not exist: {remedy} (or pass --{key}=...)")
+            raise InputError(f"{path}: {key} does not exist ({remedy}, or pass --{key}=...)")
     return train_path, val_path
 
 
-def claim_out_dir(out_dir, resume, master):
-    """-> out_dir/ckpt.safetensors. A fresh run refuses an out_dir that holds a checkpoint and starts a fresh
-    metrics.jsonl."""
+def claim_out_dir(out_dir, resume, run):
+    """-> out_dir/ckpt.safetensors. The master locks out_dir for this run (lock_folder). A fresh run refuses an
+    out_dir that holds a checkpoint or a metrics.jsonl, and starts a fresh metrics.jsonl; a resumed one keeps it."""
     ckpt_path = os.path.join(out_dir, "ckpt.safetensors")
-    if not resume and os.path.exists(ckpt_path):
-        sys.exit(f"{ckpt_path} exists: pass --resume=True to continue it, or choose another out_dir")
-    if master:
+    if run.master:
         os.makedirs(out_dir, exist_ok=True)
-        if not resume:
-            open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
+        lock_folder(out_dir)
+    for path in (ckpt_path, os.path.join(out_dir, "metrics.jsonl")):
+        if not resume and os.path.exists(path):
+            raise InputError(f"{path}: exists (pass --resume=True to continue its run, or choose another out_dir)")
+    run.barrier()  # every rank has looked before the master writes the fresh metrics.jsonl
+    if run.master and not resume:
+        open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
     return ckpt_path
+
+
+def lock_folder(folder):
+    """Makes `folder` this process's until it exits: folder/LOCK, created only if absent (O_EXCL), holds our pid
+    and host. Two runs writing one folder lose a checkpoint and interleave their metrics without a word. A lock
+    left by a dead process of this host (kill -9) is taken over with a message; another host's is never guessed
+    at. A lock of this very process (a script run again in one interpreter, as the tests do) is ours."""
+    path = os.path.join(folder, "LOCK")
+    host = socket.gethostname()
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        with open(path) as f:
+            pid, _, owner = f.read().strip().partition(" ")
+        alive = not pid.isdigit() or owner != host or pid_alive(int(pid))
+        if alive and not (owner == host and pid == str(os.getpid())):
+            raise InputError(f"{path}: {folder} is in use by pid {pid} on {owner or '?'} (wait for that run, or "
+                             f"choose another folder; delete {path} only if that process is gone)") from None
+        if pid != str(os.getpid()):
+            print(f"{path}: taking over the lock of pid {pid}, which is no longer running")
+        os.remove(path)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {host}\n")
+    atexit.register(unlock_folder, path)
+
+
+def unlock_folder(path):
+    try:
+        with open(path) as f:
+            mine = f.read().split(" ")[0] == str(os.getpid())
+        if mine:
+            os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def metrics_up_to(out_dir, step):
+    """On resume: metrics.jsonl without the lines past the checkpoint's step (written after it was saved, and about
+    to be written again), so every step appears once."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    if len(kept) < len(lines):
+        print(f"{path}: {len(lines) - len(kept)} lines past step {step} dropped: they are trained again")
 
 
 def read_datasets(cfg, token_space, train_path, val_path, log):
@@ -179,7 +254,8 @@ def epoch_steps(n_samples, batch_size, grad_accum, world_size, log):
     global_batch = batch_size * grad_accum * world_size
     steps = n_samples // global_batch
     if steps == 0:
-        sys.exit(f"{n_samples} samples do not fill one global batch of {global_batch}: lower batch_size or grad_accum")
+        raise InputError(f"{n_samples} samples do not fill one global batch of {global_batch} (lower batch_size or "
+                         f"grad_accum)")
     log(f"global batch {global_batch} = {batch_size} x {grad_accum} accumulation x {world_size} processes; {steps} "
         f"steps per epoch; each epoch leaves out {n_samples - steps * global_batch} samples (a different random set "
         f"every epoch)")
@@ -331,6 +407,18 @@ def all_reduce(t):
     return t
 
 
+class Diverged(ArithmeticError):
+    """A non-finite loss or gradient norm: train() stops the run, naming the step."""
+
+
+def stop_if_diverged(loss_sum, grad_norm):
+    """Between the backward and the optimizer step: a NaN or infinite loss or gradient norm on any rank stops every
+    rank before AdamW writes it into the weights (and so before any checkpoint holds it). One all-reduce per step."""
+    bad = all_reduce(torch.stack([(~torch.isfinite(loss_sum)).double(), (~torch.isfinite(grad_norm)).double()]))
+    if bad.any():
+        raise Diverged(f"the {'loss' if bad[0] else 'gradient norm'} is not finite")
+
+
 def answer_loss_step(model, micro_batches, optimizer, params, grad_clip, world_size, device, autocast, step_log):
     """One optimizer step of train_gen.py's loss (its docstring works out the arithmetic): each micro-batch
     back-propagates its answer-loss sum * world_size / N, N the supervised tokens of the whole step on all ranks,
@@ -347,6 +435,7 @@ def answer_loss_step(model, micro_batches, optimizer, params, grad_clip, world_s
             (micro_loss_sum * world_size / n_labels).backward()
         loss_sum += micro_loss_sum.detach()
     grad_norm = clip_gradients(params, grad_clip)
+    stop_if_diverged(loss_sum, grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step_log.step_done()
@@ -412,15 +501,24 @@ def train(run, cfg, raw_model, dataset, val_set, steps_per_epoch, start_step, ma
     (loss sum, its divisor, gradient norm); the log line every log_interval steps, validate(step) -> a metrics record
     every eval_interval steps (with a val_set), save(step) every ckpt_interval steps, and each of them at the end
     (max_iters or stop_at_step; validation at max_iters only). Then the run's teardown."""
+    if start_step and run.master:
+        metrics_up_to(cfg.out_dir, start_step)
     batches = step_batches(dataset, start_step, steps_per_epoch, cfg.batch_size, cfg.grad_accum, run.rank,
                            run.world_size, cfg.seed, cfg.num_workers, pin_memory=run.device.type == "cuda")
     step_log = StepLog(raw_model, run.device, run.world_size, peak_flops(run.device), run.log)
     t_start = time.time()
-    steps_run = 0
+    steps_run = unreadable = 0
     for step in range(start_step, max_iters):
         lr = cosine_lr(step, max_iters, cfg.lr, cfg.warmup_ratio)
         set_lr(optimizer, lr)
-        loss_sum, loss_divisor, grad_norm = train_step(next(batches), step_log)
+        micro_batches = next(batches)
+        unreadable += sum(int(b["unreadable"]) for b in micro_batches)
+        try:
+            loss_sum, loss_divisor, grad_norm = train_step(micro_batches, step_log)
+        except Diverged as e:
+            run.close(barrier=False)
+            raise SystemExit(f"error: step {step + 1}: {e}; stopped before the optimizer step, the last checkpoint "
+                             f"stays as it was (lower lr, or check the data)") from None
         step_done = step + 1
         steps_run += 1
         last = step_done == max_iters or step_done == cfg.stop_at_step
@@ -436,7 +534,10 @@ def train(run, cfg, raw_model, dataset, val_set, steps_per_epoch, start_step, ma
         if step_done == cfg.stop_at_step:
             break
     global_batch = cfg.batch_size * cfg.grad_accum * run.world_size
-    run.log(f"done: {steps_run} steps, {steps_run * global_batch} samples in {time.time() - t_start:.1f} s")
+    unreadable = int(all_reduce(torch.tensor(unreadable, device=run.device)))
+    run.log(f"done: {steps_run} steps, {steps_run * global_batch - unreadable} samples in {time.time() - t_start:.1f} "
+            f"s; skipped while training {unreadable} (" + (f"unreadable image: {unreadable}" if unreadable else "none")
+            + ")")
     if run.wandb is not None:
         run.wandb.finish()
     run.close()

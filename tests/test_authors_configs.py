@@ -13,6 +13,7 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaModel
 
 from backbones import CLIPTextConfig, LlamaConfig, ViTConfig
+from configurator import InputError
 from model import AlignModel, FusedVLM, FusedVLMConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,5 +102,5 @@ def test_authors_config_files_parse(name, monkeypatch, tmp_path):
     script = CONFIGS[name]
     monkeypatch.setattr(sys, "argv", [script, str(ROOT / "config" / f"{name}.py"), f"--clip_path={tmp_path}/none"])
     monkeypatch.chdir(ROOT)
-    with pytest.raises(SystemExit, match="clip_path: .* does not exist: download a CLIP checkpoint folder"):
+    with pytest.raises(InputError, match="none: clip_path does not exist \\(download a CLIP checkpoint folder"):
         runpy.run_path(str(ROOT / script), run_name="__main__")

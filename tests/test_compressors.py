@@ -17,6 +17,7 @@ import bench
 import evaluate as ev
 from backbones import LlamaConfig, ViTConfig
 from checkpoint import config_diff, inference_vlm, load_checkpoint, read_gen_checkpoint
+from configurator import InputError
 from fusion import collate
 from model import FusedVLM, FusedVLMConfig, train_flops
 from test_flops import counted_step, make_batch
@@ -251,7 +252,7 @@ def test_train_gen_checkpoint_records_its_compressor_and_evaluate_rebuilds_it(co
         assert torch.equal(rebuilt.fused_tokens(batch), trained.fused_tokens(batch))
     ts_cfg, variant = ev.run_settings(ev.Config(), meta, model_cfg, str(out))
     assert variant == compressor
-    with pytest.raises(SystemExit, match="drop_question=True is the fused model's VQ ablation"):
+    with pytest.raises(InputError, match="drop_question=True is the fused model's VQ ablation"):
         ev.run_settings(ev.Config(drop_question=True), meta, model_cfg, str(out))
 
     # another compressor takes only this checkpoint's vision tower (lr 0: nothing moves); resume refuses it
@@ -265,7 +266,7 @@ def test_train_gen_checkpoint_records_its_compressor_and_evaluate_rebuilds_it(co
     for k, v in [*fresh.compressor.state_dict().items(), ("weight", fresh.bridge.weight)]:
         part = swapped["raw_model"].bridge if k == "weight" else swapped["raw_model"].compressor
         assert torch.equal(part.state_dict()[k], v), k
-    with pytest.raises(SystemExit, match=f"model config differs.*'compressor': \\('{compressor}', '{other}'\\)"):
+    with pytest.raises(InputError, match=f"model config differs.*'compressor': \\('{compressor}', '{other}'\\)"):
         run("train_gen.py", monkeypatch, argv(synthetic_world, out, f"--compressor={other}", "--resume=True"))
 
 
@@ -283,7 +284,7 @@ def test_stage1_vision_tower_is_taken_by_another_compressor(synthetic_world, ali
 
 
 def test_drop_question_with_a_question_blind_compressor_is_refused(synthetic_world, tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match="drop_question=True is the fused model's VQ ablation; compressor=pool"):
+    with pytest.raises(InputError, match="drop_question=True is the fused model's VQ ablation \\(compressor=pool"):
         run("train_gen.py", monkeypatch, argv(synthetic_world, tmp_path, "--compressor=pool", "--drop_question=True"))
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 import benchmarks as bm
 import evaluate as ev
+from configurator import InputError
 from predictions import RESULTS_HEADER, append_results, read_predictions
 
 
@@ -90,7 +91,8 @@ def test_multi_image_row(tmp_path):
 
 
 @pytest.mark.parametrize("cell, message", [("1", "must name a row that holds an image"),   # 2 -> 1 -> itself a ref
-                                           ("9", "must name a row that holds an image")])  # no row 9
+                                           ("9", "is too short for a base64 image and names no row"),  # no row 9
+                                           ("iVBORw0KGgo=", "is too short for a base64 image")])  # a cut image
 def test_bad_image_references(tmp_path, cell, message):
     path = write_tsv(tmp_path / "POPE.tsv", ["index", "image", "question", "answer"],
                      [[0, RED, "q", "Yes"], [1, "0", "q", "No"], [2, cell, "q", "No"]])
@@ -296,9 +298,9 @@ def test_score_only_default_tsv_location_and_bad_arguments(tmp_path):
         ev.main(["--score_only=True", "--benchmarks=SYNTH_MCQ", f"--bench_dir={tmp_path}",
                  f"--predictions={predictions}", f"--out_dir={tmp_path / 'out'}"])
     assert not os.path.exists(tmp_path / "out" / "results.csv")  # nothing written for a refused score
-    with pytest.raises(SystemExit, match="unknown benchmark"):
+    with pytest.raises(InputError, match="unknown benchmark"):
         ev.main(["--score_only=True", "--benchmarks=NOPE", f"--predictions={predictions}"])
-    with pytest.raises(SystemExit, match="needs --predictions"):
+    with pytest.raises(InputError, match="needs --predictions"):
         ev.main(["--score_only=True", "--benchmarks=SYNTH_MCQ"])
-    with pytest.raises(SystemExit, match="no positional arguments"):
+    with pytest.raises(InputError, match="no positional arguments"):
         ev.main(["extra", "--score_only=True"])

@@ -24,6 +24,7 @@ import bench
 import evaluate as ev
 from backbones import Llama, ViT
 from checkpoint import save_checkpoint
+from configurator import InputError
 from fusion import DEFAULT_SYSTEM_PROMPT, TokenSpace, TokenSpaceConfig, collate
 from model import FusedVLM, FusedVLMConfig
 
@@ -245,16 +246,16 @@ def test_refusals(world, checkpoints, sweep, tmp_path):
     align = make_checkpoint(world, tmp_path / "align", n_l=16, seed=0, stage="align")
     assert align is not None
     ck16 = checkpoints["ck16"][0]
-    with pytest.raises(SystemExit, match="stage 'align' checkpoint"):
+    with pytest.raises(InputError, match="stage 'align' checkpoint"):
         ev.main(evaluate_argv(world, tmp_path / "a", [str(tmp_path / "align" / "ckpt.safetensors")]))
-    with pytest.raises(SystemExit, match="would both write"):
+    with pytest.raises(InputError, match="would both write"):
         ev.main(evaluate_argv(world, tmp_path / "b", [ck16, ck16 + "/ckpt.safetensors"]))
-    with pytest.raises(SystemExit, match="n_l=17 needs 16 learned queries"):
+    with pytest.raises(InputError, match="n_l=17 needs 16 learned queries"):
         ev.main(evaluate_argv(world, tmp_path / "c", [ck16], SYNTH, "--n_l=17"))
     shutil.copytree(out / "VQQ_nl16", tmp_path / "d" / "VQQ_nl16")
-    with pytest.raises(SystemExit, match="other settings.*num_crops"):
+    with pytest.raises(InputError, match="other settings.*num_crops"):
         ev.main(evaluate_argv(world, tmp_path / "d", [ck16], SYNTH, "--num_crops=0"))
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(InputError, match="not found"):
         ev.main(evaluate_argv(world, tmp_path / "e", [ck16], ["SYNTH_YORN", "MME"]))
 
 
@@ -329,7 +330,7 @@ def test_an_own_tsv_with_a_kind_runs_like_the_benchmark_it_copies(world, checkpo
     shutil.copy(world / "bench" / "SYNTH_YORN.tsv", tmp_path / "MY_YES_NO.tsv")
     argv = [f"--ckpt={ck16}", "--benchmarks=MY_YES_NO", f"--bench_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}",
             "--batch_size=4"]
-    with pytest.raises(SystemExit, match="--kind=yes_no"):
+    with pytest.raises(InputError, match="--kind=yes_no"):
         ev.main(argv)
     ev.main(argv + ["--kind=yes_no"])
     assert (jsonl(tmp_path / "out" / "VQQ_nl16" / "predictions_MY_YES_NO.jsonl")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPTokenizer
 
+from configurator import InputError
 from conftest import SYSTEM_PROMPT
 from fusion import ConversationDataset, TokenSpace, TokenSpaceConfig, collate, image_crops
 
@@ -417,10 +418,13 @@ def test_unreadable_image(tmp_path, image_root, make_space, image):
     with pytest.raises(ValueError, match=rf"{path}, line 2: unreadable image: .*{image}"):
         ds[1]
     ds = ConversationDataset(path, str(image_root), make_space(), skip_bad=True)
-    for _ in range(2):  # served the next readable sample (b.png), counted once
-        s = ds[1]
-        assert s["input_ids"].tolist() == ds[2]["input_ids"].tolist()
-        assert ds.skipped == {"unreadable image": 1}
+    assert ds[1] is None and ds.skipped == {"unreadable image": 1}
+    # left out of its batch and counted there; its slot is not filled with another line (trained twice)
+    batch = collate([ds[0], ds[1], ds[2]])
+    assert int(batch["unreadable"]) == 1
+    assert batch["input_ids"].tolist() == collate([ds[0], ds[2]])["input_ids"].tolist()
+    with pytest.raises(InputError, match="every image of a batch of 1 is unreadable"):
+        collate([ds[1]])
 
 
 def test_no_usable_sample_is_an_error(tmp_path, image_root, make_space):
@@ -430,7 +434,7 @@ def test_no_usable_sample_is_an_error(tmp_path, image_root, make_space):
 
 
 def test_missing_tokenizer_files_say_what_to_put_where(tmp_path, llama_tokenizer_dir):
-    with pytest.raises(FileNotFoundError, match="vocab.json"):
+    with pytest.raises(InputError, match="clip_path lacks vocab.json"):
         TokenSpace(TokenSpaceConfig(clip_path=str(tmp_path), llama_path=str(llama_tokenizer_dir)))
 
 

@@ -116,11 +116,11 @@ def test_paper_file_every_curve_fits():
 # bad input
 
 @pytest.mark.parametrize("bad_row, reason", [
-    ("A,B,Overall,16,8,0", "not a positive"),
-    ("A,B,Overall,16,8,-3.5", "not a positive"),
+    ("A,B,Overall,16,8,-3.5", "not a finite number >= 0"),
     ("A,B,Overall,16,8,", "missing score"),
     ("A,B,Overall,16,8,abc", "not a number"),
-    ("A,B,Overall,16,8,nan", "not a positive"),
+    ("A,B,Overall,16,8,nan", "not a finite number >= 0"),
+    ("A,B,Overall,16,8,inf", "not a finite number >= 0"),
     ("A,B,Overall,2.5,8,30", "n_l '2.5' is not an integer"),
     ("A,B,Overall,0,8,30", "n_l 0 is not positive"),
     ("A,B,Overall,16,8", "5 fields"),
@@ -159,7 +159,7 @@ def test_fewer_than_three_distinct_n(tmp_path):
 
 
 def test_skip_bad_counts_every_bad_row(tmp_path):
-    bad = ["A,B,Overall,16,8,0", "A,B,Overall,32,8,", "A,B,Overall,x,8,30"]
+    bad = ["A,B,Overall,16,8,-1", "A,B,Overall,32,8,", "A,B,Overall,x,8,30"]
     path = write_csv(tmp_path, [HEADER] + good_rows()[:2] + bad + good_rows()[2:])
     points, skipped, _ = read_results([path], skip_bad=True)
     assert [p.n for p in points] == [1, 8, 64, 512]
@@ -177,9 +177,9 @@ def test_metric_filter_leaves_out_diagnostics_and_breakdowns(tmp_path):
     assert {p.metric for p in points} == {"Overall"} and skipped == []
     assert left_out == {"unparsable_rate": 4, "category:count": 4}
     points, _, left_out = read_results([path], skip_bad=True, metrics="category:count")
-    assert [(p.metric, p.n) for p in points] == [("category:count", n) for n in (8, 64, 512)]
-    with pytest.raises(BadInput, match=f"{path}:6: score 0 is not a positive"):  # line 6: unparsable_rate, n_l=1
-        read_results([path], skip_bad=False, metrics="all")
+    assert [(p.metric, p.n) for p in points] == [("category:count", n) for n in (1, 8, 64, 512)]
+    points, _, _ = read_results([path], skip_bad=False, metrics="all")  # zeros are scores (leave_out_zeros)
+    assert sum(p.score == 0 for p in points) == 5
 
 
 def test_constant_scores_leave_r2_blank(tmp_path):
@@ -249,7 +249,7 @@ def test_cli_on_the_paper_file(tmp_path):
 def test_cli_bad_input_stops_or_skips(tmp_path):
     path = write_csv(tmp_path, [HEADER] + good_rows() + ["A,B,Overall,16,8,-1"] + good_rows("C", ns=(1, 8)))
     result = run_cli(path, f"--out_dir={tmp_path / 'out'}")
-    assert result.returncode != 0 and f"{path}:6: score -1 is not a positive" in result.stderr
+    assert result.returncode != 0 and f"{path}:6: score -1 is not a finite number >= 0" in result.stderr
     assert not (tmp_path / "out").exists()
     result = run_cli(path, f"--out_dir={tmp_path / 'out'}", "--skip_bad=True", "--variants=A,C")
     assert result.returncode == 0, result.stderr
@@ -257,3 +257,24 @@ def test_cli_bad_input_stops_or_skips(tmp_path):
     with open(tmp_path / "out" / "fits.csv", newline="") as f:
         assert [(r["variant"], r["form"]) for r in csv.DictReader(f)] == [("A", "power"), ("A", "two_regime")]
     assert (tmp_path / "out" / "scaling_fit.png").exists() and not (tmp_path / "out" / "difference.png").exists()
+
+
+def test_zero_scores_are_left_out_of_the_fits_with_a_note(tmp_path):
+    # curve B: one zero among 5 points, fitted on the other 4; curve Z: all zeros (an F1 of a model that never says
+    # yes), drawn but not fitted; neither stops the run, and --skip_bad is not needed
+    rows = good_rows(ns=(1, 8, 64, 512)) + ["A,B,Overall,2,8,0"] + [f"A,Z,Overall,{n},8,0" for n in (1, 8, 64)]
+    path = write_csv(tmp_path, [HEADER] + rows)
+    out = tmp_path / "out"
+    result = run_cli(path, f"--out_dir={out}")
+    assert result.returncode == 0, result.stderr
+    assert "A B Overall: 1 of 5 scores are 0, left out of the log-space fits\n" in result.stdout
+    assert "A Z Overall: 3 of 3 scores are 0, left out of the log-space fits; not fitted (0 points left" in result.stdout
+    fits = list(csv.DictReader(open(out / "fits.csv")))
+    assert {(r["benchmark"], r["n_points"]) for r in fits} == {("B", "4")}
+    assert (out / "scaling_fit.png").exists()
+
+
+def test_the_committed_miniature_fits_without_skip_bad(tmp_path):
+    result = run_cli(os.path.join(REPO, "results", "tiny", "results.csv"), f"--out_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "SYNTH_YORN Overall: 7 of 7 scores are 0" in result.stdout

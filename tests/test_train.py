@@ -20,6 +20,7 @@ import torch
 
 from backbones import Llama
 from checkpoint import load_checkpoint
+from configurator import InputError
 from fusion import collate
 from training import configure_optimizer
 
@@ -154,7 +155,7 @@ def test_gen_resume_equals_uninterrupted(gen_run, align_run, data_dir, tmp_path,
 
 def test_resume_refuses_a_different_model(gen_run, data_dir, monkeypatch, tmp_path):
     (tmp_path / "ckpt.safetensors").symlink_to(gen_run[1] / "ckpt.safetensors")
-    with pytest.raises(SystemExit, match="model config differs.*fused_layers"):
+    with pytest.raises(InputError, match="model config differs.*fused_layers"):
         run("train_gen.py", monkeypatch, argv(data_dir, tmp_path, "--resume=True", "--fused_layers=3"))
 
 
@@ -167,7 +168,7 @@ def test_activation_checkpointing_changes_no_number(gen_run, align_run, data_dir
 
 def test_a_fresh_run_does_not_overwrite_a_checkpoint(gen_run, data_dir, monkeypatch):
     before = (gen_run[1] / "ckpt.safetensors").read_bytes()
-    with pytest.raises(SystemExit, match="exists: pass --resume=True"):
+    with pytest.raises(InputError, match="exists \\(pass --resume=True"):
         run("train_gen.py", monkeypatch, argv(data_dir, gen_run[1]))
     assert (gen_run[1] / "ckpt.safetensors").read_bytes() == before
 
@@ -177,12 +178,12 @@ def test_a_fresh_run_does_not_overwrite_a_checkpoint(gen_run, data_dir, monkeypa
                                            ("train_gen.py", "paper_finetune"), ("train_gen.py", "llama3_gen")])
 def test_config_files_parse(script, config, monkeypatch, tmp_path):
     # parse_config raises on any key the script does not have; the first thing after parsing is the path check
-    with pytest.raises(SystemExit, match="clip_path: .* does not exist: download a CLIP checkpoint folder"):
+    with pytest.raises(InputError, match="none: clip_path does not exist \\(download a CLIP checkpoint folder"):
         run(script, monkeypatch, [str(ROOT / "config" / f"{config}.py"), f"--clip_path={tmp_path}/none"])
 
 
 def test_missing_weights_say_what_to_download(data_dir, monkeypatch, tmp_path):
-    with pytest.raises(SystemExit, match="llama_path: .*does not exist: download the LLM.s folder"):
+    with pytest.raises(InputError, match="nowhere: llama_path does not exist \\(download the LLM.s folder"):
         run("train_gen.py", monkeypatch, argv(data_dir, tmp_path, f"--llama_path={tmp_path}/nowhere"))
 
 
