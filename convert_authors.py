@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from configurator import parse_config
+from configurator import InputError, parse_config, report_input_errors
 from fusion import DEFAULT_SYSTEM_PROMPT
 from backbones import ViTConfig, llama_config, weight_files
 from checkpoint import save_checkpoint
@@ -93,7 +93,7 @@ def hf_llama_block_key(k):
 
 def read_json(path, what):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found ({what})")
+        raise InputError(f"{path} not found ({what})")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -110,17 +110,17 @@ def read_their_config(src):
                 "append_special_padding": (c.get("append_special_padding"), True)}
     for key, (got, want) in expected.items():
         if got != want:
-            raise ValueError(f"{path}: {key}={got!r}, expected {want!r} (the HD generation-stage model with "
+            raise InputError(f"{path}: {key}={got!r}, expected {want!r} (the HD generation-stage model with "
                              f"placeholder-token queries, which is what their released checkpoints are)")
     n_l, n_s = c.get("length_que_end"), c.get("length_que_end_short")
     if not isinstance(n_l, int) or not isinstance(n_s, int) or not 1 <= n_s <= n_l:
-        raise ValueError(f"{path}: need integers 1 <= length_que_end_short <= length_que_end, got {n_l}, {n_s}")
+        raise InputError(f"{path}: need integers 1 <= length_que_end_short <= length_que_end, got {n_l}, {n_s}")
     vc = ic["vision_config"]
     merge = (vc.get("enable_local_merge", True), vc.get("enable_token_crlf", True),
              vc.get("vembed_merge_kernel_size", 3), vc.get("vembed_merge_stride", 2),
              vc.get("vembed_hidden_size") or vc["hidden_size"])
     if merge != (True, True, 3, 2, vc["hidden_size"]):
-        raise ValueError(f"{path}: vision_config merge settings (enable_local_merge, enable_token_crlf, kernel, "
+        raise InputError(f"{path}: vision_config merge settings (enable_local_merge, enable_token_crlf, kernel, "
                          f"stride, vembed_hidden_size) = {merge}; VisionTower is (True, True, 3, 2, hidden_size)")
     vit = ViTConfig(image_size=vc["image_size"], patch_size=vc["patch_size"], width=vc["hidden_size"],
                     layers=vc["num_hidden_layers"], heads=vc["num_attention_heads"], mlp=vc["intermediate_size"],
@@ -128,7 +128,7 @@ def read_their_config(src):
     fused_layers = ic.get("num_hidden_layers") or ic["text_config"]["num_hidden_layers"]
     llm = c.get("llm_config")
     if not llm:
-        raise ValueError(f"{path}: no llm_config")
+        raise InputError(f"{path}: no llm_config")
     cfg = FusedVLMConfig(vit=vit, llm=llama_config(llm, f"{path} llm_config"), fused_layers=fused_layers,
                          fused_heads=vit.width // 64, fused_mlp=vit.mlp, fused_eps=1e-6, fused_rope_theta=1e4)
     return cfg, n_l, n_s, llm
@@ -143,7 +143,7 @@ def read_clip_files(clip_dir):
             return read_json(vocab_file, ""), f.read()
     model = read_json(os.path.join(clip_dir, "tokenizer.json"), "their CLIP tokenizer, in the clip/ subfolder")["model"]
     if model.get("type") != "BPE":
-        raise ValueError(f"{clip_dir}/tokenizer.json: model type {model.get('type')!r}, expected CLIP's BPE")
+        raise InputError(f"{clip_dir}/tokenizer.json: model type {model.get('type')!r}, expected CLIP's BPE")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     return model["vocab"], "#version: 0.2\n" + "".join(m + "\n" for m in merges)
 
@@ -154,12 +154,12 @@ def read_clip_vocabulary(clip_dir):
     added_tokens.json and tokenizer_config.json are present must agree."""
     vocab, merges = read_clip_files(clip_dir)
     if sorted(vocab.values()) != list(range(len(vocab))):
-        raise ValueError(f"{clip_dir}: vocabulary ids are not 0..{len(vocab) - 1}")
+        raise InputError(f"{clip_dir}: vocabulary ids are not 0..{len(vocab) - 1}")
     added, sources = {}, []
 
     def add(content, token_id, source):
         if added.setdefault(content, token_id) != token_id:
-            raise ValueError(f"{clip_dir}: {content} has id {added[content]} in one file, {token_id} in {source}")
+            raise InputError(f"{clip_dir}: {content} has id {added[content]} in one file, {token_id} in {source}")
 
     for name, tokens in [("tokenizer.json", lambda d: ((t["content"], t["id"]) for t in d["added_tokens"])),
                          ("added_tokens.json", lambda d: d.items()),
@@ -174,9 +174,9 @@ def read_clip_vocabulary(clip_dir):
         placeholders.append(added.pop(PLACEHOLDER.format(len(placeholders))))
     stray = sorted(k for k in added if k.startswith("<|placeholder_qed_"))
     if stray:
-        raise ValueError(f"{clip_dir}: placeholders are not numbered 0..{len(placeholders) - 1}: {stray[:5]}")
+        raise InputError(f"{clip_dir}: placeholders are not numbered 0..{len(placeholders) - 1}: {stray[:5]}")
     if any(i < len(vocab) for i in placeholders):
-        raise ValueError(f"{clip_dir}: placeholder ids overlap the base vocabulary")
+        raise InputError(f"{clip_dir}: placeholder ids overlap the base vocabulary")
     others = {k: v for k, v in added.items() if v >= len(vocab)}  # CLIP's specials sit inside the base vocabulary
     print(f"clip/: base vocabulary {len(vocab)}, {len(placeholders)} placeholders (read {', '.join(sources)})")
     return vocab, merges, placeholders, others
@@ -191,7 +191,7 @@ def our_tensors(files, expected, base_vocab, placeholders, other_added):
 
     embed = their_tensor(EMBED)  # (rows, D)
     if max(placeholders, default=-1) >= len(embed):
-        raise ValueError(f"{EMBED} has {len(embed)} rows, but clip/ has placeholder id {max(placeholders)}")
+        raise InputError(f"{EMBED} has {len(embed)} rows, but clip/ has placeholder id {max(placeholders)}")
     unused, used_rows = [], set(range(base_vocab)) | set(placeholders)
     for content, token_id in sorted(other_added.items(), key=lambda kv: kv[1]):
         unused.append(f"{EMBED} row {token_id} (added token {content}, not a placeholder)")
@@ -210,7 +210,7 @@ def our_tensors(files, expected, base_vocab, placeholders, other_added):
         else:
             t = their_tensor(their_key(ours))
         if tuple(t.shape) != shape:
-            raise ValueError(f"{their_key(ours)} gives {ours} shape {tuple(t.shape)}, the config implies {shape}")
+            raise InputError(f"{their_key(ours)} gives {ours} shape {tuple(t.shape)}, the config implies {shape}")
         tensors["model." + ours] = t.contiguous()
     return tensors, unused
 
@@ -249,33 +249,33 @@ def check_llama_folder(files, llama_path, llm):
     bit-equal tensors (a different Llama would silently change every answer)."""
     theirs = llama_config(read_json(os.path.join(llama_path, "config.json"), "an HF Llama folder"), llama_path)
     if theirs != llm:
-        raise ValueError(f"--llama_path={llama_path}: config {theirs} differs from their llm_config {llm}")
+        raise InputError(f"--llama_path={llama_path}: config {theirs} differs from their llm_config {llm}")
     if not os.path.isfile(os.path.join(llama_path, "tokenizer.model")):
-        raise FileNotFoundError(f"--llama_path={llama_path}: no tokenizer.model")
+        raise InputError(f"--llama_path={llama_path}: no tokenizer.model")
     given = weight_files(llama_path)
     llm_keys = sorted(k for k in files if k.startswith(LLM) and not k.endswith(DERIVED_BUFFERS))
     missing = [k[len(LLM):] for k in llm_keys if k[len(LLM):] not in given]
     if missing:
-        raise KeyError(f"--llama_path={llama_path} lacks {len(missing)} of their LLM tensors, e.g. {missing[:5]}")
+        raise InputError(f"--llama_path={llama_path} lacks {len(missing)} of their LLM tensors, e.g. {missing[:5]}")
     t0 = time.time()
     for i, key in enumerate(llm_keys):
         with safe_open(files[key], "pt") as a, safe_open(given[key[len(LLM):]], "pt") as b:
             if not torch.equal(a.get_tensor(key), b.get_tensor(key[len(LLM):])):
-                raise ValueError(f"--llama_path={llama_path}: {key[len(LLM):]} differs from their {key}")
+                raise InputError(f"--llama_path={llama_path}: {key[len(LLM):]} differs from their {key}")
         if (i + 1) % 50 == 0 or i + 1 == len(llm_keys):
             print(f"llama check: {i + 1}/{len(llm_keys)} tensors equal ({time.time() - t0:.1f} s)")
 
 
 def convert(cfg: Config):
     if not cfg.src or not cfg.out:
-        raise ValueError("give --src=THEIR_DIR and --out=OUR_DIR")
+        raise InputError("give --src=THEIR_DIR and --out=OUR_DIR")
     ckpt_path = os.path.join(cfg.out, "ckpt.safetensors")
     if os.path.exists(ckpt_path):
-        raise FileExistsError(f"{ckpt_path} exists; remove it first (a conversion never overwrites a checkpoint)")
+        raise InputError(f"{ckpt_path} exists; remove it first (a conversion never overwrites a checkpoint)")
     model_cfg, n_l, n_s, llm_config = read_their_config(cfg.src)
     vocab, merges, placeholders, other_added = read_clip_vocabulary(os.path.join(cfg.src, "clip"))
     if len(placeholders) < n_l - 1:
-        raise ValueError(f"{cfg.src}/clip: {len(placeholders)} placeholder tokens, but n_l = {n_l} needs {n_l - 1}")
+        raise InputError(f"{cfg.src}/clip: {len(placeholders)} placeholder tokens, but n_l = {n_l} needs {n_l - 1}")
     model_cfg.fused_vocab_size, model_cfg.n_queries = len(vocab), len(placeholders)
     files = weight_files(cfg.src)  # refuses pickles
 
@@ -292,11 +292,11 @@ def convert(cfg: Config):
             wanted.discard(LLM + "lm_head.weight")
     missing = sorted(k for k in wanted if k not in files)
     if missing:
-        raise KeyError(f"{cfg.src}: their checkpoint lacks {len(missing)} tensors the config implies: {missing}")
+        raise InputError(f"{cfg.src}: their checkpoint lacks {len(missing)} tensors the config implies: {missing}")
     deliberately_unused = [k for k in files if k.endswith(DERIVED_BUFFERS)]
     unknown = sorted(k for k in files if k not in wanted and k not in deliberately_unused)
     if unknown:
-        raise KeyError(f"{cfg.src}: tensors of theirs that map to nothing of ours: {unknown}")
+        raise InputError(f"{cfg.src}: tensors of theirs that map to nothing of ours: {unknown}")
 
     tensors, unused_rows = our_tensors(files, expected, len(vocab), placeholders, other_added)
     deliberately_unused += unused_rows
@@ -309,7 +309,7 @@ def convert(cfg: Config):
         llama_path = os.path.join(cfg.out, "llama")
         write_llama(files, cfg.src, llama_path, llm_config)
     else:
-        raise ValueError(f"{cfg.src}: no llm_backbone.* tensors in their checkpoint; give --llama_path=DIR "
+        raise InputError(f"{cfg.src}: no llm_backbone.* tensors in their checkpoint; give --llama_path=DIR "
                          f"(an HF Llama-2-7b-chat folder with tokenizer.model)")
 
     # the CLIP BPE files fusion.py reads (the placeholders live in our query table, not in the tokenizer)
@@ -350,10 +350,11 @@ def convert(cfg: Config):
 def main(argv):
     cfg, positional = parse_config(Config(), argv)
     if positional:
-        raise ValueError(f"convert_authors.py takes only --key=value arguments, got {positional}")
+        raise InputError(f"convert_authors.py takes only --key=value arguments, got {positional}")
     print(json.dumps(asdict(cfg)))
     convert(cfg)
 
 
 if __name__ == "__main__":
+    report_input_errors()
     main(sys.argv[1:])

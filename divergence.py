@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import parse_config
+from configurator import InputError, parse_config, report_input_errors
 from chat import LLMTokenizer
 from fusion import TokenSpace, TokenSpaceConfig, collate, load_image
 from backbones import Llama
@@ -76,10 +76,6 @@ class Config:
 
 CSV_COLUMNS = ["n", "D_mean", "D_std", "psi_eq", "psi_AA", "psi_AB", "upsilon", "n_b", "fit", "pairs"]
 DELTA_EPS = 1e-9  # |psi_AA - psi_AB| below this leaves n_b undefined
-
-
-class BadInput(ValueError):
-    pass
 
 
 # -----------------------------------------------------------------------------
@@ -170,7 +166,7 @@ def records(path):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise BadInput(f"{path}: reading parquet needs pyarrow (pip install pyarrow); or export the rows to "
+            raise InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow); or export the rows to "
                            f"JSONL, one JSON object a line") from None
         return [(f"{path}: row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
     with open(path, encoding="utf-8") as f:
@@ -257,13 +253,13 @@ def read_pairs(cfg, parse):
             pairs.append((where, parse(record)))
         except ValueError as e:
             if not cfg.skip_bad:
-                raise BadInput(f"{where}: {e} (use --skip_bad=True to skip bad rows)") from None
+                raise InputError(f"{where}: {e} (use --skip_bad=True to skip bad rows)") from None
             skipped.append(f"{where}: {e}")
     if skipped:
         print(f"skipped {len(skipped)} bad rows:")
         print("\n".join(f"  {line}" for line in skipped))
     if not pairs:
-        raise BadInput(f"{cfg.data}: no branch pair to run")
+        raise InputError(f"{cfg.data}: no branch pair to run")
     return pairs
 
 
@@ -289,7 +285,7 @@ def text_batch_states(llama, batch, layer, device):
 def text_mode(cfg):
     """-> an iterator of (h_a, h_b, lengths, tokens) per batch, and the number of pairs."""
     if not cfg.llama_path or not cfg.data:
-        raise BadInput("text mode needs --data=PAIRS.jsonl and --llama_path=LLAMA_FOLDER")
+        raise InputError("text mode needs --data=PAIRS.jsonl and --llama_path=LLAMA_FOLDER")
     tokenizer = LLMTokenizer(cfg.llama_path)
     pairs = [pair for _, pair in read_pairs(cfg, lambda r: tokenize_pair(tokenizer, *text_pair(r), cfg.n_max, cfg.max_seq_len))]
     llama = Llama.from_hf(cfg.llama_path, dtype=getattr(torch, cfg.dtype)).to(cfg.device).eval()
@@ -306,7 +302,7 @@ def vision_batch_states(vlm, space, batch, layer, device):
             try:
                 samples.append(space.generation_sample(load_image(images[side]), question))
             except ValueError as e:
-                raise BadInput(f"{where}: {e}") from None
+                raise InputError(f"{where}: {e}") from None
     inputs = {k: v.to(device) for k, v in collate(samples).items()}
     hidden = vlm.llm.hidden_states(inputs_embeds=vlm.input_embeds(inputs))[layer]  # (2P, L, D), right-padded
     n_l, P = space.cfg.n_l, len(batch)
@@ -317,13 +313,13 @@ def vision_batch_states(vlm, space, batch, layer, device):
 def vision_mode(cfg):
     """FusedVLM from a stage-2 checkpoint (the trainers' schema); n_max is the slot count n_l."""
     if not cfg.ckpt or not cfg.data:
-        raise BadInput("vision mode needs --ckpt=CKPT.safetensors and --data=IMAGE_PAIRS.jsonl")
+        raise InputError("vision mode needs --ckpt=CKPT.safetensors and --data=IMAGE_PAIRS.jsonl")
     tensors, meta = load_checkpoint(cfg.ckpt, prefix="model.")
     if meta.get("stage") != "gen":
-        raise BadInput(f"{cfg.ckpt}: stage {meta.get('stage')!r}; vision mode needs a stage-2 ('gen') FusedVLM checkpoint")
+        raise InputError(f"{cfg.ckpt}: stage {meta.get('stage')!r}; vision mode needs a stage-2 ('gen') FusedVLM checkpoint")
     model_cfg = FusedVLMConfig.from_dict(meta["model_config"])
     if not 1 <= cfg.n_max <= model_cfg.n_queries + 1:
-        raise BadInput(f"n_max = n_l = {cfg.n_max}; the checkpoint has {model_cfg.n_queries} queries, so 1..{model_cfg.n_queries + 1}")
+        raise InputError(f"n_max = n_l = {cfg.n_max}; the checkpoint has {model_cfg.n_queries} queries, so 1..{model_cfg.n_queries + 1}")
     llama_path, clip_path = cfg.llama_path or meta["llama_path"], cfg.clip_path or meta["clip_path"]
     space = TokenSpace(TokenSpaceConfig(clip_path, llama_path, **dict(meta["token_space"], n_l=cfg.n_max)))
     root = os.path.dirname(os.path.abspath(cfg.data))
@@ -333,7 +329,7 @@ def vision_mode(cfg):
     try:
         vlm = trained_vlm(model_cfg, trained_weights(tensors), Llama.from_hf(llama_path, dtype=dtype), cfg.ckpt)
     except ValueError as e:  # an LLM that is not the one the checkpoint was trained with
-        raise BadInput(str(e)) from None
+        raise InputError(str(e)) from None
     vlm = vlm.to(device=cfg.device, dtype=dtype).eval()
     batches = (pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size))
     return (vision_batch_states(vlm, space, batch, cfg.layer, cfg.device) for batch in batches), len(pairs)
@@ -384,7 +380,7 @@ def main(argv):
     start = time.time()
     cfg, positional = parse_config(Config(), argv)
     if positional:
-        raise BadInput(f"unexpected arguments {positional}; use --key=value")
+        raise InputError(f"unexpected arguments {positional}; use --key=value")
     print(f"config: {json.dumps(asdict(cfg))}")
     batches, n_pairs = vision_mode(cfg) if cfg.vision else text_mode(cfg)
     accumulator = Accumulator(cfg.n_max)
@@ -416,7 +412,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    report_input_errors()
     try:
         main(sys.argv[1:])
-    except (BadInput, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except FileNotFoundError as e:  # a path the user gave
+        raise InputError(f"{e.filename}: not found") from None

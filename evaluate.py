@@ -309,6 +309,7 @@ def main(argv):
         evaluate_checkpoints(cfg, run)
     finally:
         run.close(barrier=False)  # no barrier: a rank that stopped on an error would leave the others waiting
+    run.end()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 from scipy.optimize import least_squares
 
-from configurator import parse_config
+from configurator import InputError, parse_config, report_input_errors
 
 
 @dataclass
@@ -52,10 +52,6 @@ DEFAULT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "
 COLUMNS = ["variant", "benchmark", "metric", "n_l", "n_s", "score"]
 FIT_COLUMNS = ["variant", "benchmark", "metric", "form", "c", "alpha", "beta", "n_b", "r2_log", "r2", "aic", "n_points"]
 DPI = 90
-
-
-class BadInput(ValueError):
-    pass
 
 
 class Point(NamedTuple):
@@ -118,7 +114,7 @@ def read_results(paths, skip_bad, metrics=""):
             if header[:6] != COLUMNS:  # not skippable: without the columns no row can be read
                 missing = [name for name in COLUMNS if name not in header]
                 unknown = [name for name in header[:6] if name not in COLUMNS]
-                raise BadInput(f"{path}:1: the header must begin with {','.join(COLUMNS)} (extra columns may "
+                raise InputError(f"{path}:1: the header must begin with {','.join(COLUMNS)} (extra columns may "
                                f"follow); missing {missing}, unknown {unknown}, got {','.join(header)}")
             for fields in reader:
                 if not fields:  # a blank line holds no data
@@ -135,7 +131,7 @@ def read_results(paths, skip_bad, metrics=""):
                         raise ValueError(f"{variant} {benchmark} {metric} n_l={n_l} already given at {seen[key]}")
                 except ValueError as e:
                     if not skip_bad:
-                        raise BadInput(f"{where}: {e} (use --skip_bad=True to skip bad rows)") from None
+                        raise InputError(f"{where}: {e} (use --skip_bad=True to skip bad rows)") from None
                     skipped.append(f"{where}: {e}")
                     continue
                 seen[key] = where
@@ -151,7 +147,7 @@ def names_in(points, field, wanted):
     chosen = [name.strip() for name in wanted.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in present]
     if unknown:
-        raise BadInput(f"--{field}s: {unknown} not in the data; present: {present}")
+        raise InputError(f"--{field}s: {unknown} not in the data; present: {present}")
     return chosen
 
 
@@ -165,7 +161,7 @@ def group_points(points, skip_bad, skipped):
         if len(group) < 3:  # rows are unique per n, so len = distinct n
             problem = f"{' '.join(key)}: only {len(group)} distinct n_l, a fit needs 3"
             if not skip_bad:
-                raise BadInput(f"{', '.join(p.where for p in group)}: {problem} (use --skip_bad=True to skip)")
+                raise InputError(f"{', '.join(p.where for p in group)}: {problem} (use --skip_bad=True to skip)")
             skipped.extend(f"{p.where}: {problem}" for p in group)
             del groups[key]
     return groups
@@ -177,11 +173,11 @@ def parse_exclude(text):
     for entry in filter(None, (part.strip() for part in text.split(";"))):
         benchmark, sep, ns = entry.partition(":")
         if not sep or not benchmark.strip() or not ns.strip():
-            raise BadInput(f"--exclude entry {entry!r} is not BENCHMARK:N[,N...]")
+            raise InputError(f"--exclude entry {entry!r} is not BENCHMARK:N[,N...]")
         try:
             excluded.setdefault(benchmark.strip(), set()).update(positive_int("n_l", n.strip()) for n in ns.split(","))
         except ValueError as e:
-            raise BadInput(f"--exclude entry {entry!r}: {e}") from None
+            raise InputError(f"--exclude entry {entry!r}: {e}") from None
     return excluded
 
 
@@ -190,14 +186,14 @@ def fit_mask(groups, excluded):
     for benchmark, ns in excluded.items():
         present = {p.n for (_, b, _), group in groups.items() if b == benchmark for p in group}
         if not present:
-            raise BadInput(f"--exclude: benchmark {benchmark!r} is not in the (selected) data")
+            raise InputError(f"--exclude: benchmark {benchmark!r} is not in the (selected) data")
         if ns - present:
-            raise BadInput(f"--exclude: {benchmark} has no n_l {sorted(ns - present)}; it has {sorted(present)}")
+            raise InputError(f"--exclude: {benchmark} has no n_l {sorted(ns - present)}; it has {sorted(present)}")
     masks = {}
     for key, group in groups.items():
         masks[key] = np.array([p.n not in excluded.get(key[1], ()) for p in group])
         if masks[key].sum() < 3:
-            raise BadInput(f"--exclude leaves {' '.join(key)} with {masks[key].sum()} points, a fit needs 3")
+            raise InputError(f"--exclude leaves {' '.join(key)} with {masks[key].sum()} points, a fit needs 3")
     return masks
 
 
@@ -406,7 +402,7 @@ def main(argv):
         print(f"skipped {len(skipped)} bad rows:")
         print("\n".join(f"  {line}" for line in skipped))
     if not groups:
-        raise BadInput("no curve left to fit")
+        raise InputError("no curve left to fit")
     masks = fit_mask(groups, parse_exclude(cfg.exclude))
     excluded = sum((~m).sum() for m in masks.values())
     unfitted = leave_out_zeros(groups, masks)
@@ -414,7 +410,7 @@ def main(argv):
           f"(--exclude), {sum((~m).sum() for m in masks.values()) - excluded} more with a score of 0; "
           f"{len(unfitted)} curves not fitted")
     if len(unfitted) == len(groups):
-        raise BadInput("no curve has 3 positive scores to fit")
+        raise InputError("no curve has 3 positive scores to fit")
 
     fits = []
     for key, group in groups.items():
@@ -438,7 +434,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    report_input_errors()
     try:
         main(sys.argv[1:])
-    except (BadInput, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except FileNotFoundError as e:  # a path the user gave
+        raise InputError(f"{e.filename}: not found") from None

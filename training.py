@@ -19,6 +19,7 @@ import os
 import random
 import resource
 import socket
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -74,6 +75,17 @@ class Run:
             if barrier:
                 dist.barrier()  # without it gloo processes sometimes abort at exit
             dist.destroy_process_group()
+
+    def end(self):
+        """The normal end of a torchrun process, after close(): exit 0 at once. gloo's worker threads outlive
+        destroy_process_group, and the interpreter's teardown of them now and then aborts a rank whose work is all
+        saved (SIGABRT, "terminate called without an active exception"), so a finished run would be reported
+        failed. The atexit handlers (the run folder's lock) still run; one process without torchrun ends as usual."""
+        if self.ddp:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            atexit._run_exitfuncs()
+            os._exit(0)
 
 
 def seed_everything(seed):
@@ -541,3 +553,4 @@ def train(run, cfg, raw_model, dataset, val_set, steps_per_epoch, start_step, ma
     if run.wandb is not None:
         run.wandb.finish()
     run.close()
+    run.end()

@@ -28,6 +28,7 @@ from transformers.utils import logging as hf_logging
 import convert_authors
 from backbones import Llama
 from checkpoint import load_checkpoint, load_trainable
+from configurator import InputError
 from fusion import DEFAULT_SYSTEM_PROMPT, TokenSpace, TokenSpaceConfig, collate
 from model import FusedVLM, FusedVLMConfig
 
@@ -261,12 +262,12 @@ def test_missing_and_unknown_keys_stop_with_their_names(converted, tmp_path):
     src, _, _ = converted
     missing = convert_authors.VISION + "pos_layrnorm.weight"
     broken = edited_copy(src, tmp_path / "missing", lambda s: s.pop(missing))
-    with pytest.raises(KeyError, match="pos_layrnorm.weight"):
+    with pytest.raises(InputError, match="pos_layrnorm.weight"):
         convert_authors.main([f"--src={broken}", f"--out={tmp_path / 'out1'}"])
 
     unknown = convert_authors.VISION + "post_layernorm.weight"
     extra = edited_copy(src, tmp_path / "extra", lambda s: s.update({unknown: torch.ones(WIDTH)}))
-    with pytest.raises(KeyError, match="post_layernorm.weight"):
+    with pytest.raises(InputError, match="post_layernorm.weight"):
         convert_authors.main([f"--src={extra}", f"--out={tmp_path / 'out2'}"])
     assert not (tmp_path / "out2/ckpt.safetensors").exists()
 

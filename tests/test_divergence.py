@@ -18,10 +18,11 @@ import torch
 from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
 from chat import LLMTokenizer
-from divergence import (CSV_COLUMNS, Accumulator, BadInput, Config, branch_statistics, fit_lambda, image_pair, main,
+from divergence import (CSV_COLUMNS, Accumulator, Config, branch_statistics, fit_lambda, image_pair, main,
                         read_pairs, text_pair, tokenize_pair)
 from backbones import LlamaConfig, ViTConfig
 from checkpoint import save_checkpoint
+from configurator import InputError
 from model import FusedVLM, FusedVLMConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,7 +236,7 @@ def test_orca_prefix_is_the_llama2_chat_turn(llama_tokenizer_dir):
 ])
 def test_bad_row_names_file_and_line(tmp_path, llama_tokenizer_dir, bad_line, reason):
     data = write_jsonl(tmp_path / "pairs.jsonl", [PAIRS[0], "", bad_line])  # line 2 blank, the bad row is line 3
-    with pytest.raises(BadInput) as e:
+    with pytest.raises(InputError) as e:
         main([f"--data={data}", f"--llama_path={llama_tokenizer_dir}", "--device=cpu"])
     assert f"{data}:3: " in str(e.value) and reason in str(e.value)
 
@@ -250,7 +251,7 @@ def test_skip_bad_counts_and_lists(tmp_path, capsys):
 
 def test_prefix_leaving_no_room_is_named(tmp_path, llama_tokenizer_dir):
     data = write_jsonl(tmp_path / "pairs.jsonl", [PAIRS[0]])
-    with pytest.raises(BadInput, match=r"pairs.jsonl:1: the prefix is \d+ tokens, max_seq_len=4"):
+    with pytest.raises(InputError, match=r"pairs.jsonl:1: the prefix is \d+ tokens, max_seq_len=4"):
         main([f"--data={data}", f"--llama_path={llama_tokenizer_dir}", "--max_seq_len=4"])
 
 
@@ -292,5 +293,5 @@ def test_vision_mode_identical_images_do_not_diverge(tmp_path, llama_dir, clip_v
 
 def test_vision_mode_bad_row_named(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"image_a": "missing.png", "image_b": "x.png", "question": "Q"}])
-    with pytest.raises(BadInput, match=f"pairs.jsonl:1: image not found: {tmp_path}/missing.png"):
+    with pytest.raises(InputError, match=f"pairs.jsonl:1: image not found: {tmp_path}/missing.png"):
         read_pairs(Config(data=str(data)), lambda record: image_pair(record, str(tmp_path)))

@@ -47,6 +47,7 @@ def torchrun(script, world, out_dir, *extra):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not (Path(out_dir) / "LOCK").exists()  # the exit handlers ran (Run.end skips only the teardown)
     with open(Path(out_dir) / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]

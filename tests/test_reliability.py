@@ -138,7 +138,10 @@ def test_user_errors_are_one_line_with_exit_2_and_bugs_keep_their_traceback(synt
             ("train_gen.py", argv(synthetic_world, tmp_path / "t", "--chat_template=nope"), "chat_template must be one of"),
             ("train_align.py", ["config/nowhere.py"], "config/nowhere.py: config file not found"),
             ("evaluate.py", [f"--ckpt={tmp_path}/none", "--benchmarks=POPE"], "not found"),
-            ("evaluate.py", [f"--ckpt={tmp_path}/none", "--batch_size=0"], "batch_size must be >= 1")]:
+            ("evaluate.py", [f"--ckpt={tmp_path}/none", "--batch_size=0"], "batch_size must be >= 1"),
+            ("scaling_fit.py", [f"{tmp_path}/none.csv"], f"{tmp_path}/none.csv: not found"),
+            ("divergence.py", [], "text mode needs --data"),
+            ("convert_authors.py", [], "give --src=THEIR_DIR")]:
         result = subprocess_run(script, args)
         assert result.returncode == 2, result.stderr[-2000:]
         assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr[-2000:]

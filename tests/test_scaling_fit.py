@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy.stats import linregress
 
-from scaling_fit import (BadInput, DEFAULT_CSV, fit_group, fit_mask, fit_power, fit_two_regime, group_points,
+from configurator import InputError
+from scaling_fit import (DEFAULT_CSV, fit_group, fit_mask, fit_power, fit_two_regime, group_points,
                          parse_exclude, read_results)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,7 +130,7 @@ def test_paper_file_every_curve_fits():
 ])
 def test_bad_row_names_file_and_line(tmp_path, bad_row, reason):
     path = write_csv(tmp_path, [HEADER] + good_rows(ns=(1, 8)) + [bad_row] + good_rows(ns=(64, 512)))
-    with pytest.raises(BadInput, match=f"{path}:4: .*{reason}"):
+    with pytest.raises(InputError, match=f"{path}:4: .*{reason}"):
         read_results([path], skip_bad=False)
 
 
@@ -137,7 +138,7 @@ def test_bad_row_names_file_and_line(tmp_path, bad_row, reason):
                                     "benchmark,variant,metric,n_l,n_s,score", ""])
 def test_bad_header(tmp_path, header):
     path = write_csv(tmp_path, [header] + good_rows())
-    with pytest.raises(BadInput, match=f"{path}:1: the header"):
+    with pytest.raises(InputError, match=f"{path}:1: the header"):
         read_results([path], skip_bad=False)
 
 
@@ -150,7 +151,7 @@ def test_extra_columns_allowed(tmp_path):
 def test_fewer_than_three_distinct_n(tmp_path):
     path = write_csv(tmp_path, [HEADER] + good_rows("A") + good_rows("C", ns=(1, 8)))
     points, _, _ = read_results([path], skip_bad=False)
-    with pytest.raises(BadInput, match=f"{path}:6, {path}:7: C B Overall: only 2 distinct n_l"):
+    with pytest.raises(InputError, match=f"{path}:6, {path}:7: C B Overall: only 2 distinct n_l"):
         group_points(points, False, [])
     skipped = []
     groups = group_points(points, True, skipped)
@@ -207,7 +208,7 @@ def test_exclude_removes_exactly_the_named_points():
 @pytest.mark.parametrize("exclude, message", [("Nope:1", "not in the"), ("MME:3", "has no n_l \\[3\\]"),
                                               ("MME", "not BENCHMARK:N"), ("MME:a", "not an integer")])
 def test_exclude_typos_are_errors(exclude, message):
-    with pytest.raises(BadInput, match=message):
+    with pytest.raises(InputError, match=message):
         fit_mask(load_paper(), parse_exclude(exclude))
 
 
