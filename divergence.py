@@ -167,7 +167,7 @@ def records(path):
             import pyarrow.parquet as pq
         except ImportError:
             raise InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow); or export the rows to "
-                           f"JSONL, one JSON object a line") from None
+                             f"JSONL, one JSON object a line") from None
         return [(f"{path}: row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
     with open(path, encoding="utf-8") as f:
         return [(f"{path}:{line_no}", line) for line_no, line in enumerate(f, 1) if line.strip()]
@@ -316,10 +316,12 @@ def vision_mode(cfg):
         raise InputError("vision mode needs --ckpt=CKPT.safetensors and --data=IMAGE_PAIRS.jsonl")
     tensors, meta = load_checkpoint(cfg.ckpt, prefix="model.")
     if meta.get("stage") != "gen":
-        raise InputError(f"{cfg.ckpt}: stage {meta.get('stage')!r}; vision mode needs a stage-2 ('gen') FusedVLM checkpoint")
+        raise InputError(f"{cfg.ckpt}: stage {meta.get('stage')!r}; vision mode needs a stage-2 ('gen') FusedVLM "
+                         f"checkpoint")
     model_cfg = FusedVLMConfig.from_dict(meta["model_config"])
     if not 1 <= cfg.n_max <= model_cfg.n_queries + 1:
-        raise InputError(f"n_max = n_l = {cfg.n_max}; the checkpoint has {model_cfg.n_queries} queries, so 1..{model_cfg.n_queries + 1}")
+        raise InputError(f"n_max = n_l = {cfg.n_max}; the checkpoint has {model_cfg.n_queries} queries, so "
+                         f"1..{model_cfg.n_queries + 1}")
     llama_path, clip_path = cfg.llama_path or meta["llama_path"], cfg.clip_path or meta["clip_path"]
     space = TokenSpace(TokenSpaceConfig(clip_path, llama_path, **dict(meta["token_space"], n_l=cfg.n_max)))
     root = os.path.dirname(os.path.abspath(cfg.data))

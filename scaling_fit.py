@@ -115,7 +115,7 @@ def read_results(paths, skip_bad, metrics=""):
                 missing = [name for name in COLUMNS if name not in header]
                 unknown = [name for name in header[:6] if name not in COLUMNS]
                 raise InputError(f"{path}:1: the header must begin with {','.join(COLUMNS)} (extra columns may "
-                               f"follow); missing {missing}, unknown {unknown}, got {','.join(header)}")
+                                 f"follow); missing {missing}, unknown {unknown}, got {','.join(header)}")
             for fields in reader:
                 if not fields:  # a blank line holds no data
                     continue
