@@ -161,7 +161,7 @@ def fit_lambda(d_mean, upsilon):
 def records(path):
     """-> list of (where, record): JSONL lines (text, blank lines left out) or parquet rows (dicts)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path!r}")
+        raise InputError(f"{path}: data file not found (pass --data=PAIRS.jsonl)")
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -415,7 +415,4 @@ def main(argv):
 
 if __name__ == "__main__":
     report_input_errors()
-    try:
-        main(sys.argv[1:])
-    except FileNotFoundError as e:  # a path the user gave
-        raise InputError(f"{e.filename}: not found") from None
+    main(sys.argv[1:])

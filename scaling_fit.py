@@ -108,6 +108,8 @@ def read_results(paths, skip_bad, metrics=""):
     left_out counts the rows of metrics that were not selected (never checked, never fitted)."""
     points, skipped, seen, left_out = [], [], {}, {}
     for path in paths:
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: not found (give the results CSV files evaluate.py wrote)")
         with open(path, newline="") as f:
             reader = csv.reader(f)
             header = [name.strip() for name in next(reader, [])]
@@ -435,7 +437,4 @@ def main(argv):
 
 if __name__ == "__main__":
     report_input_errors()
-    try:
-        main(sys.argv[1:])
-    except FileNotFoundError as e:  # a path the user gave
-        raise InputError(f"{e.filename}: not found") from None
+    main(sys.argv[1:])
