@@ -436,8 +436,8 @@ def generation_model(cfg, device, dtype):
         trained = meta["token_space"]
         return inference_vlm(model_cfg, weights, llm, path, device, dtype), trained["n_l"], trained["num_crops"], path
     if device.type == "cpu":
-        raise InputError("--mode=generate without --ckpt builds the paper-size model (a 7B LLM): run it with --device=cuda, "
-                 "or give a (tiny) checkpoint")
+        raise InputError("--mode=generate without --ckpt builds the paper-size model (a 7B LLM): run it with "
+                         "--device=cuda, or give a (tiny) checkpoint")
     with torch.device(device):  # random weights: the speed does not depend on their values
         vlm = FusedVLM(FusedVLMConfig(compressor=cfg.compressor))
     return vlm.to(dtype).eval(), 256, 16, "the paper's configuration, random weights"
@@ -482,8 +482,8 @@ def bench_generate(cfg, device):
 def bench_train(cfg, device):
     for key in ("train_clip_path", "train_llama_path"):
         if not os.path.exists(getattr(cfg, key)):
-            raise InputError(f"{key}: {getattr(cfg, key)!r} does not exist: the CLIP and Llama folders train_gen.py reads "
-                     f"(or pass --{key}=...)")
+            raise InputError(f"{key}: {getattr(cfg, key)!r} does not exist: the CLIP and Llama folders train_gen.py "
+                             f"reads (or pass --{key}=...)")
     dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if dtype not in ("bfloat16", "float32"):
         raise InputError(f"--mode=train runs as train_gen.py: dtype bfloat16 or float32, got {dtype!r}")

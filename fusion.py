@@ -172,8 +172,8 @@ class TokenSpace:
     def __init__(self, cfg: TokenSpaceConfig):
         missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(cfg.clip_path, f))]
         if missing:
-            raise InputError(f"{cfg.clip_path}: clip_path lacks {', '.join(missing)} (point clip_path at the checkpoint "
-                             f"folder that holds vocab.json and merges.txt)")
+            raise InputError(f"{cfg.clip_path}: clip_path lacks {', '.join(missing)} (point clip_path at the "
+                             f"checkpoint folder that holds vocab.json and merges.txt)")
         if cfg.n_l < 1 or cfg.n_s < 1:
             raise InputError(f"n_l and n_s must be >= 1, got n_l={cfg.n_l}, n_s={cfg.n_s}")
         if cfg.image_size < 1 or cfg.num_crops < 0 or cfg.max_answer_tokens < 1:

@@ -120,7 +120,7 @@ vit = ViT.from_hf(cfg.clip_path, image_size=cfg.image_size)
 text = CLIPText.from_hf(cfg.clip_path, max_positions=cfg.text_max_positions)
 if text.cfg.eos_token_id != token_space.clip_eos:  # the tower pools at its config's EOS id, the answer rows end in this one
     raise InputError(f"{cfg.clip_path}/config.json: text eos_token_id {text.cfg.eos_token_id} is not the tokenizer's "
-             f"<|endoftext|> id {token_space.clip_eos}: the text tower would pool at the wrong token")
+                     f"<|endoftext|> id {token_space.clip_eos}: the text tower would pool at the wrong token")
 model_cfg = FusedVLMConfig(vit=vit.cfg, text=text.cfg, fused_layers=cfg.fused_layers, fused_heads=cfg.fused_heads,
                            fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip))
 raw_model = AlignModel(model_cfg)
