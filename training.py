@@ -51,6 +51,8 @@ class Run:
         self.ddp = "RANK" in os.environ
         self.rank, self.local_rank, self.world_size = ((int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
                                                         int(os.environ["WORLD_SIZE"])) if self.ddp else (0, 0, 1))
+        if self.ddp:  # the ranks share one stdout: a line at a time, or a flush of one can split a line of another
+            sys.stdout.reconfigure(line_buffering=True)
         if self.ddp and torch.cuda.is_available() and device in ("", "cuda"):
             self.device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(self.device)
