@@ -60,8 +60,6 @@ BENCHMARKS = {
     "ChartQA_TEST": Benchmark("vqa", "relaxed_accuracy", 100, ("Overall",)),
     "TextVQA_VAL": TEXTVQA_LIKE,
     # synthetic stand-ins (data/synthetic/prepare.py), each scored like the benchmark it mimics
-    "SYNTH_YORN": POPE_LIKE,
-    "SYNTH_MCQ": MCQ,
     "SYNTH_VQA": TEXTVQA_LIKE,
     "SYNTH_CAPTION": CAPTION,
 }

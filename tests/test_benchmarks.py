@@ -51,25 +51,24 @@ def test_limit_keeps_whole_mme_pairs_and_every_category(tmp_path):
 def test_limit_draws_round_robin_over_categories(tmp_path):
     options = dict(question="q", A="x", B="y", answer="A")
     records = [dict(index=i, category=c, **options) for i, c in enumerate("aaaaaabbc")]
-    rows = load(tmp_path, "SYNTH_MCQ", records)
+    rows = load(tmp_path, "SEEDBench_IMG", records)
     # sorted categories a, b, c taken in turn: a b c, then a b (c has no row left) -> a 2, b 2, c 1
-    assert Counter(r.fields["category"] for r in bm.limit_rows("SYNTH_MCQ", rows, 5)) == {"a": 2, "b": 2, "c": 1}
-    assert Counter(r.fields["category"] for r in bm.limit_rows("SYNTH_MCQ", rows, 8)) == {"a": 5, "b": 2, "c": 1}
-    assert bm.limit_rows("SYNTH_MCQ", rows, 0) == rows
-    first, second = bm.limit_rows("SYNTH_MCQ", rows, 3), bm.limit_rows("SYNTH_MCQ", rows, 3)
+    assert Counter(r.fields["category"] for r in bm.limit_rows("SEEDBench_IMG", rows, 5)) == {"a": 2, "b": 2, "c": 1}
+    assert Counter(r.fields["category"] for r in bm.limit_rows("SEEDBench_IMG", rows, 8)) == {"a": 5, "b": 2, "c": 1}
+    assert bm.limit_rows("SEEDBench_IMG", rows, 0) == rows
+    first, second = bm.limit_rows("SEEDBench_IMG", rows, 3), bm.limit_rows("SEEDBench_IMG", rows, 3)
     assert first == second and [r.fields["category"] for r in first] == ["a", "b", "c"]
 
 
 def test_row_results_hand_worked(tmp_path):
-    mcq = load(tmp_path, "SYNTH_MCQ", [dict(index=i, question="q", A="red", B="green", C="blue", answer=a)
+    mcq = load(tmp_path, "SEEDBench_IMG", [dict(index=i, question="q", A="red", B="green", C="blue", answer=a)
                                        for i, a in ((1, "A"), (2, "C"), (3, "B"))])
-    got = bm.row_results("SYNTH_MCQ", mcq, {"1": "A. red", "2": "(B)", "3": "no idea"})
+    got = bm.row_results("SEEDBench_IMG", mcq, {"1": "A. red", "2": "(B)", "3": "no idea"})
     # "A. red" -> A, right; "(B)" -> B but the answer is C; "no idea": no letter, no option text -> unreadable
     assert got == {"1": {"extracted": "A", "score": 1.0}, "2": {"extracted": "B", "score": 0.0},
                    "3": {"extracted": None, "score": 0.0}}
-    yorn = load(tmp_path, "SYNTH_YORN", [dict(index=1, question="q", answer="Yes"),
-                                         dict(index=2, question="q", answer="No")])
-    assert bm.row_results("SYNTH_YORN", yorn, {"1": "Yes.", "2": "maybe"}) == {
+    yorn = load(tmp_path, "POPE", [dict(index=1, question="q", answer="Yes"), dict(index=2, question="q", answer="No")])
+    assert bm.row_results("POPE", yorn, {"1": "Yes.", "2": "maybe"}) == {
         "1": {"extracted": "Yes", "score": 1.0}, "2": {"extracted": None, "score": 0.0}}
     references = repr(["red"] * 3 + ["blue"] * 7)
     vqa = load(tmp_path, "SYNTH_VQA", [dict(index=1, question="q", answer=references)])
@@ -125,12 +124,12 @@ def test_the_vqa_kind_is_exact_match_with_one_reference(tmp_path):
 def test_score_only_with_limit_scores_the_subset(tmp_path):
     options = dict(question="q", A="x", B="y", answer="A")
     records = [dict(index=i, category=c, **options) for i, c in enumerate("aabb")]
-    rows = load(tmp_path, "SYNTH_MCQ", records)
-    subset = {r.index for r in bm.limit_rows("SYNTH_MCQ", rows, 2)}
+    rows = load(tmp_path, "SEEDBench_IMG", records)
+    subset = {r.index for r in bm.limit_rows("SEEDBench_IMG", rows, 2)}
     predictions = tmp_path / "p.jsonl"  # right on the subset, wrong elsewhere
     predictions.write_text("".join(json.dumps({"index": r.index, "prediction": "A" if r.index in subset else "B"})
                                    + "\n" for r in rows))
-    ev.main(["--score_only=True", "--benchmarks=SYNTH_MCQ", f"--bench_dir={tmp_path}", "--limit=2",
+    ev.main(["--score_only=True", "--benchmarks=SEEDBench_IMG", f"--bench_dir={tmp_path}", "--limit=2",
              f"--predictions={predictions}", f"--out_dir={tmp_path / 'out'}"])
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         overall = [r for r in csv.DictReader(f) if r["metric"] == "Overall"]

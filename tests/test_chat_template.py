@@ -97,11 +97,11 @@ def test_a_vicuna_model_trains_records_its_template_and_evaluates_with_it(synthe
     assert len(answers) == 1 and 1 <= len(answers[0]) <= 4
 
     # evaluate.py on the checkpoint answers each row as a greedy loop over a Vicuna-layout prompt built here by hand
-    ev.main([f"--ckpt={tmp_path}", "--benchmarks=SYNTH_VQA", f"--bench_dir={world / 'bench'}",
+    ev.main([f"--ckpt={tmp_path}", "--benchmarks=SYNTH_CAPTION", f"--bench_dir={world / 'bench'}",
              f"--out_dir={tmp_path / 'eval'}", "--batch_size=1"])
-    [predictions_file] = (tmp_path / "eval").glob("*/predictions_SYNTH_VQA.jsonl")
+    [predictions_file] = (tmp_path / "eval").glob("*/predictions_SYNTH_CAPTION.jsonl")
     predictions = [json.loads(line) for line in predictions_file.read_text().splitlines()]
-    rows = bm.load_benchmark("SYNTH_VQA", str(world / "bench" / "SYNTH_VQA.tsv"))
+    rows = bm.load_benchmark("SYNTH_CAPTION", str(world / "bench" / "SYNTH_CAPTION.tsv"))
     assert [p["index"] for p in predictions] == [row.index for row in rows]
     sp, trained = space.sp, meta["token_space"]
     llama_2 = TokenSpace(TokenSpaceConfig(clip_path=f"{world}/clip", llama_path=f"{world}/llama",
@@ -111,7 +111,7 @@ def test_a_vicuna_model_trains_records_its_template_and_evaluates_with_it(synthe
         sample = token_space.generation_sample(row.images()[-1], row.prompt)  # evaluate.py's JPEG round trip too
         with torch.no_grad():
             ids = vlm.generate(collate([sample], pad_side="left"), eos_token_id=space.eos,
-                               max_new_tokens=bm.benchmark_spec("SYNTH_VQA").max_new_tokens)[0]
+                               max_new_tokens=bm.benchmark_spec("SYNTH_CAPTION").max_new_tokens)[0]
         return sample, sp.decode([t for t in ids if t not in (0, 1, 2)]).strip()  # unk, <s>, </s>
 
     differs = 0

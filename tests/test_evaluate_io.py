@@ -42,7 +42,7 @@ def write_jsonl(path, lines):
     return str(path)
 
 
-def mcq_file(tmp_path, name="SYNTH_MCQ.tsv"):
+def mcq_file(tmp_path, name="SEEDBench_IMG.tsv"):
     header = ["index", "image", "question", "A", "B", "C", "D", "answer", "category"]
     rows = [[1, RED, "What colour?", "red", "blue", "", "", "A", "colour"],
             [2, "1", "How many?", "1", "2", "3", "None", "C", "count"],
@@ -211,7 +211,7 @@ def test_max_new_tokens_table():
     expected = {"MME": 32, "HallusionBench": 32, "POPE": 32, "COCO_VAL": 32, "OCRBench": 512, "AI2D_TEST": 32,
                 "RealWorldQA": 32, "MMStar": 32, "SEEDBench_IMG": 32, "SEEDBench2": 32, "SEEDBench2_Plus": 32,
                 "ScienceQA_TEST": 32, "OCRVQA_TESTCORE": 100, "ChartQA_TEST": 100, "TextVQA_VAL": 10,
-                "SYNTH_YORN": 32, "SYNTH_MCQ": 32, "SYNTH_VQA": 10, "SYNTH_CAPTION": 32}
+                "SYNTH_VQA": 10, "SYNTH_CAPTION": 32}
     assert {name: b.max_new_tokens for name, b in bm.BENCHMARKS.items()} == expected
 
 
@@ -242,12 +242,12 @@ def test_bad_predictions_files(tmp_path, lines, message):
 
 
 def test_score_refuses_partial_or_foreign_predictions(tmp_path):
-    rows = bm.load_benchmark("SYNTH_MCQ", mcq_file(tmp_path))
-    with pytest.raises(ValueError, match=r"p.jsonl: no prediction for 2 of the 3 rows of SYNTH_MCQ, e.g. "
+    rows = bm.load_benchmark("SEEDBench_IMG", mcq_file(tmp_path))
+    with pytest.raises(ValueError, match=r"p.jsonl: no prediction for 2 of the 3 rows of SEEDBench_IMG, e.g. "
                                          r"indices \['2', '3'\]"):
-        bm.score("SYNTH_MCQ", rows, {"1": "A"}, source="p.jsonl")
-    with pytest.raises(ValueError, match=r"1 prediction\(s\) for indices not in SYNTH_MCQ, e.g. \['4'\]"):
-        bm.score("SYNTH_MCQ", rows, {"1": "A", "2": "C", "3": "D", "4": "A"})
+        bm.score("SEEDBench_IMG", rows, {"1": "A"}, source="p.jsonl")
+    with pytest.raises(ValueError, match=r"1 prediction\(s\) for indices not in SEEDBench_IMG, e.g. \['4'\]"):
+        bm.score("SEEDBench_IMG", rows, {"1": "A", "2": "C", "3": "D", "4": "A"})
 
 
 # ----------------------------------------------------------------------------- results.csv and the command line
@@ -274,33 +274,33 @@ def test_score_only_command_line(tmp_path, capsys):
     predictions = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"index": i, "prediction": p})
                                                      for i, p in [(1, "A. red"), (2, "(B)"), (3, "there are 4")]])
     out_dir = tmp_path / "out"
-    argv = ["--score_only=True", "--benchmarks=SYNTH_MCQ", f"--tsv={tsv}", f"--predictions={predictions}",
+    argv = ["--score_only=True", "--benchmarks=SEEDBench_IMG", f"--tsv={tsv}", f"--predictions={predictions}",
             f"--out_dir={out_dir}", "--variant=VQQ", "--n_l=16", "--n_s=8"]
     ev.main(argv)
     ev.main(argv)  # appends under the same header
     # row 1 "A. red" -> A, right; row 2 "(B)" -> B, answer C, wrong; row 3 "there are 4": no letter, only option
     # text "4" occurs -> D, right
     # Overall 2/3; nothing unreadable; colour 1/1, count 1/2
-    expected = [["VQQ", "SYNTH_MCQ", "Overall", "16", "8", "66.6667", "", "3"],
-                ["VQQ", "SYNTH_MCQ", "unparsable_rate", "16", "8", "0", "", "3"],
-                ["VQQ", "SYNTH_MCQ", "category:colour", "16", "8", "100", "", "3"],
-                ["VQQ", "SYNTH_MCQ", "category:count", "16", "8", "50", "", "3"]]
+    expected = [["VQQ", "SEEDBench_IMG", "Overall", "16", "8", "66.6667", "", "3"],
+                ["VQQ", "SEEDBench_IMG", "unparsable_rate", "16", "8", "0", "", "3"],
+                ["VQQ", "SEEDBench_IMG", "category:colour", "16", "8", "100", "", "3"],
+                ["VQQ", "SEEDBench_IMG", "category:count", "16", "8", "50", "", "3"]]
     with open(out_dir / "results.csv", newline="") as f:
         assert list(csv.reader(f)) == [RESULTS_HEADER] + expected + expected
     printed = capsys.readouterr().out
-    assert "SYNTH_MCQ: 3 samples" in printed and "66.6667" in printed
+    assert "SEEDBench_IMG: 3 samples" in printed and "66.6667" in printed
 
 
 def test_score_only_default_tsv_location_and_bad_arguments(tmp_path):
-    mcq_file(tmp_path)  # <bench_dir>/SYNTH_MCQ.tsv
+    mcq_file(tmp_path)  # <bench_dir>/SEEDBench_IMG.tsv
     predictions = write_jsonl(tmp_path / "p.jsonl", ['{"index": 1, "prediction": "A"}'])
     with pytest.raises(ValueError, match="no prediction for 2 of the 3 rows"):
-        ev.main(["--score_only=True", "--benchmarks=SYNTH_MCQ", f"--bench_dir={tmp_path}",
+        ev.main(["--score_only=True", "--benchmarks=SEEDBench_IMG", f"--bench_dir={tmp_path}",
                  f"--predictions={predictions}", f"--out_dir={tmp_path / 'out'}"])
     assert not os.path.exists(tmp_path / "out" / "results.csv")  # nothing written for a refused score
     with pytest.raises(InputError, match="unknown benchmark"):
         ev.main(["--score_only=True", "--benchmarks=NOPE", f"--predictions={predictions}"])
     with pytest.raises(InputError, match="needs --predictions"):
-        ev.main(["--score_only=True", "--benchmarks=SYNTH_MCQ"])
+        ev.main(["--score_only=True", "--benchmarks=SEEDBench_IMG"])
     with pytest.raises(InputError, match="no positional arguments"):
         ev.main(["extra", "--score_only=True"])

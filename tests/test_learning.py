@@ -48,9 +48,11 @@ def teach_reader(world, out, steps=120, batch_size=32):
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         colours = [list(COLOURS)[i] for i in torch.randint(len(COLOURS), (batch_size,), generator=generator)]
-        inputs, targets = pretrain_llm.batch_of([pretrain_llm.layout(
-            token_space, [{"content": QUESTION}, {"content": c}], c) for c in colours])
-        loss = F.cross_entropy(llm(input_ids=inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        pieces, piece_mask, targets = pretrain_llm.batch_of([pretrain_llm.layout(
+            token_space, [{"content": QUESTION}, {"content": c}], [[t] for t in token_space.sp.encode(c)])
+            for c in colours])  # the colour in words, a position a piece
+        logits = llm(inputs_embeds=pretrain_llm.embed(llm, pieces, piece_mask))
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

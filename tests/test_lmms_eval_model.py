@@ -6,6 +6,7 @@ import importlib.metadata
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lmms_eval.api.model")
 from lmms_eval.api.instance import Instance  # noqa: E402
@@ -17,7 +18,7 @@ from benchmarks import benchmark_spec, load_benchmark  # noqa: E402
 from lmms_eval_model import TokenSpaceLMMS, register  # noqa: E402
 from test_evaluate_run import evaluate_argv, greedy_without_cache, jsonl, make_checkpoint  # noqa: E402
 
-BENCHMARKS = ["SYNTH_YORN", "SYNTH_VQA"]  # two generation budgets: 10 and 100 new tokens
+BENCHMARKS = ["SYNTH_CAPTION", "SYNTH_VQA"]  # two generation budgets: 32 and 10 new tokens
 SPLIT = "test"
 
 
@@ -74,21 +75,36 @@ def test_max_new_tokens_and_until(setting):
 
 
 def test_the_greedy_answer_has_the_highest_loglikelihood(setting):
-    """Planted: the options are single tokens, one of them the greedy first answer token; so the greedy one must
-    score highest and be the only one flagged greedy."""
-    model, name = setting["model"], "SYNTH_YORN"
+    """Planted: the options are single word tokens; one of them is made the greedy first answer token (its row of the
+    LLM's output layer set to twice the greedy token's, so its logit is twice the largest one, which is positive, in
+    both the model under test and the reference); so it must score highest and be the only one flagged greedy."""
+    model, name = setting["model"], "SYNTH_CAPTION"
     sp = model.token_space.sp
     doc = model.task_dict[name][SPLIT][0]
-    (first,) = greedy_without_cache(setting["vlm"], model.token_space, doc["image"], [(doc["prompt"], None)], 1)
-    greedy = sp.id_to_piece(first).replace("\u2581", "")
-    assert sp.encode(greedy) == [first]  # the planted option is that token and no other
-    others = [word for word in ("Yes", "No", "red", "blue", "green", "There") if word != greedy
-              and len(sp.encode(word)) == 1]
-    assert len(others) >= 3
-    options = [others[0], greedy, *others[1:]]
-    scores = model.loglikelihood([request("loglikelihood", 0, name, doc["prompt"], " " + option)
-                                  for option in options])
-    assert [is_greedy for _, is_greedy in scores] == [option == greedy for option in options]
+
+    def greedy():
+        return greedy_without_cache(setting["vlm"], model.token_space, doc["image"], [(doc["prompt"], None)], 1)
+
+    (first,) = greedy()
+    options = [word for word in ("red", "blue", "green", "yellow", "empty") if len(sp.encode(word)) == 1
+               and sp.encode(word) != [first]]
+    assert len(options) >= 4
+    (planted,) = sp.encode(options[1])
+    heads = [setting["vlm"].llm.lm_head.weight, model.vlm.llm.lm_head.weight]
+    saved = [head[planted].clone() for head in heads]
+    try:
+        with torch.no_grad():
+            for head in heads:
+                head[planted] = 2 * head[first]
+        assert greedy() == [planted]
+        scores = model.loglikelihood([request("loglikelihood", 0, name, doc["prompt"], " " + option)
+                                      for option in options])
+    finally:
+        with torch.no_grad():
+            for head, row in zip(heads, saved):
+                head[planted] = row
+    assert greedy() == [first]  # restored
+    assert [is_greedy for _, is_greedy in scores] == [k == 1 for k in range(len(options))]
     assert max(range(len(options)), key=lambda k: scores[k][0]) == 1
     assert all(logprob < 0 for logprob, _ in scores)
 

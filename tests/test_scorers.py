@@ -19,8 +19,8 @@ def png_b64(color=(200, 30, 30)):
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def load(tmp_path, name, records):
-    """records: dicts with the columns except image; writes <name>.tsv and loads it."""
+def load(tmp_path, name, records, kind=""):
+    """records: dicts with the columns except image; writes <name>.tsv and loads it (kind: for a TSV of one's own)."""
     columns = ["index", "image"] + [c for c in records[0] if c != "index"]
     path = tmp_path / f"{name}.tsv"
     with open(path, "w", newline="") as f:
@@ -29,11 +29,11 @@ def load(tmp_path, name, records):
         for i, record in enumerate(records):
             image = png_b64() if i == 0 else str(records[0]["index"])
             writer.writerow([record["index"], image] + [record[c] for c in columns[2:]])
-    return bm.load_benchmark(name, str(path))
+    return bm.load_benchmark(name, str(path), kind)
 
 
-def score(name, rows, predictions):
-    return bm.score(name, rows, {row.index: p for row, p in zip(rows, predictions)})
+def score(name, rows, predictions, kind=""):
+    return bm.score(name, rows, {row.index: p for row, p in zip(rows, predictions)}, kind=kind)
 
 
 # ----------------------------------------------------------------------------- yes / no
@@ -62,8 +62,8 @@ def test_pope_exploded_splits_and_unknown_as_negative(tmp_path):
         dict(index=5, question="q", answer="No", category="adversarial"),      # "no"    -> TN
     ]
     predictions = ["Yes", "No", "Yes", "maybe", "no"]
-    for name in ("POPE", "SYNTH_YORN"):  # the synthetic yes/no benchmark is scored exactly like POPE
-        got = score(name, load(tmp_path, name, records), predictions)
+    for name, kind in (("POPE", ""), ("MY_YES_NO", "yes_no")):  # a yes/no TSV of one's own is scored like POPE
+        got = score(name, load(tmp_path, name, records, kind), predictions, kind)
         # exploded rows: 1r TP, 2r FN, 2p FN, 3p FP, 4a TN(wrong), 5a TN
         # precision = 1/(1+1) = 0.5, recall = 1/(1+2) = 1/3, F1 = 2*0.5*(1/3)/(0.5+1/3) = (1/3)/(5/6) = 0.4
         # acc over the 6 exploded rows: rows 1 and 5 right -> 2/6
@@ -215,10 +215,10 @@ def test_mcq_score(tmp_path):
     ]
     predictions = ["(B)", "red car", "C", "A dog", "Sorry, I can't help with images of people yet.",
                    "I think it is red."]
-    for name in ("SEEDBench_IMG", "SYNTH_MCQ"):
-        rows = load(tmp_path, name, records)
+    for name, kind in (("SEEDBench_IMG", ""), ("MY_MCQ", "mcq")):  # an mcq TSV of one's own is scored like SEEDBench
+        rows = load(tmp_path, name, records, kind)
         assert rows[3].options == {"A": "cat", "B": "dog"}  # "None" and "" are no options (pandas NA)
-        got = score(name, rows, predictions)
+        got = score(name, rows, predictions, kind)
         # right: rows 1 and 6 -> 2/6; unreadable: rows 2 and 3 -> 2/6 (the refusal reads as Z, so it is read)
         assert got["Overall"] == pytest.approx(100 * 2 / 6)
         assert got["unparsable_rate"] == pytest.approx(2 / 6)

@@ -1,5 +1,5 @@
 """The synthetic world (data/synthetic/prepare.py): every answer checked against its image's pixels, the file layout,
-the benchmarks' columns and balance, determinism, and the tiny tokenizers and models it writes."""
+the benchmarks' columns and rotation, determinism, and the tiny tokenizers and models it writes."""
 import ast
 import base64
 import collections
@@ -18,12 +18,17 @@ from PIL import Image
 
 from conftest import ROOT, SYSTEM_PROMPT, load_prepare
 
-csv.field_size_limit(1 << 30)
 N_TRAIN, N_VAL, N_BENCH = 40, 6, 12
-LETTERS = "EFGHJKLMNPQRSTUV"  # reading order: row 1 is E F G H
+LETTERS = "EFGHJKLMNPQRSTUV"  # reading order: row 1 is E F G H, row 4 is S T U V
+VALUES = {"red", "green", "blue", "yellow", "purple", "orange", "empty"}
+BENCHMARKS = {"SYNTH_VQA": ["cell"], "SYNTH_CAPTION": ["row", "grid"]}  # the category rotation of each TSV
+COLUMNS = ["index", "image", "question", "answer", "category"]
+# what VLMEvalKit (and benchmarks.py) add to a VQA question, and COCO_VAL's caption prompt
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
-MCQ = re.compile(r"Question: What colour is cell ([E-V])\?\nOptions:\nA\. (\w+)\nB\. (\w+)\nC\. (\w+)\nD\. (\w+)\n"
-                 r"Please select the correct answer from the options above\. \n")
+COCO_PROMPT = ('Please describe this image in general. Directly provide the description, do not include prefix like '
+               '"This image depicts". ')
+CELL = re.compile(r"What colour is cell ([A-Z])\?")
+ROW = re.compile(r"What is in row ([1-4])\?")
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +46,28 @@ def read_jsonl(path):
 
 
 def read_tsv(path):
-    with open(path, encoding="utf-8") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+    """(header, rows as dicts), split on tabs and newlines only: a field holding either would break the row."""
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = f.read().split("\n")
+    assert lines[-1] == "", f"{path} does not end with a newline"
+    header, *rows = [line.split("\t") for line in lines[:-1]]
+    assert all(len(row) == len(header) for row in rows), path
+    csv.field_size_limit(1 << 30)  # benchmarks.py's reader (csv, as pandas for VLMEvalKit) reads the same cells
+    assert list(csv.reader(io.StringIO("\n".join(lines)), delimiter="\t")) == [header] + rows, path
+    return header, [dict(zip(header, row)) for row in rows]
+
+
+def tsv_image(row):
+    return Image.open(io.BytesIO(base64.b64decode(row["image"], validate=True)))
 
 
 def read_cells(image, module):
-    """{letter: colour name} read from the pixels: each 28-px cell must be one solid colour, named by the palette
-    (the background colour is "empty"); the cell centres are at 14 + 28 k px."""
+    """{letter: value} read from the pixels: each 28-px cell must be one solid colour, named by the palette (the
+    background colour is "empty"); the cell centres are at 14 + 28 k px."""
     name_of = {rgb: name for name, rgb in module.COLOURS.items()} | {module.BACKGROUND: "empty"}
-    pixels = np.asarray(image.convert("RGB"))
+    assert len(name_of) == 7, "two values share a colour"
+    assert image.format in ("PNG", None) and image.mode == "RGB"  # a file is lossless; None: rendered here
+    pixels = np.asarray(image)
     assert pixels.shape == (112, 112, 3)
     cells = {}
     for i, letter in enumerate(LETTERS):
@@ -60,28 +78,55 @@ def read_cells(image, module):
     return cells
 
 
-def answer_from_pixels(question, cells, caption_prompt, options=None):
-    """(category, the answer the cells give, the benchmark's answer column) for a question in any of the world's
-    formats; options: a benchmark row's A-D columns (its question is then the plain cell question and its answer
-    column a letter). Answers name the cell first ("F red"); POPE's column is the verdict alone."""
-    if m := MCQ.fullmatch(question):
-        question, options = f"What colour is cell {m[1]}?", m.groups()[1:]
-    if m := re.fullmatch(r"What colour is cell ([E-V])\?", question.removesuffix(VQA_SUFFIX)):
-        spoken = f"{m[1]} {cells[m[1]]}"
-        if options is None:
-            return "cell", spoken, spoken
-        assert len(set(options)) == 4 and list(options).count(cells[m[1]]) == 1, (question, options)
-        return "cell", spoken, "ABCD"[list(options).index(cells[m[1]])]
-    if m := re.fullmatch(r"Is cell ([E-V]) (\w+)\?", question):
-        verdict = "Yes" if cells[m[1]] == m[2] else "No"
-        return "check", f"{m[1]} {cells[m[1]]} {verdict}", verdict
-    if m := re.fullmatch(r"What is in row ([1-4])\?", question.removesuffix(VQA_SUFFIX)):
-        row = " ".join(f"{letter} {cells[letter]}" for letter in LETTERS[4 * (int(m[1]) - 1):4 * int(m[1])])
-        return "row", row, row
-    if question == caption_prompt:
-        caption = " ".join(f"{letter} {value}" for letter, value in cells.items() if value != "empty")
-        return "caption", caption, caption
+def row_words(cells, number):
+    return " ".join(f"{letter} {cells[letter]}" for letter in LETTERS[4 * (number - 1):4 * number])
+
+
+def grid_words(cells):
+    return " ".join(f"{letter} {value}" for letter, value in cells.items() if value != "empty")
+
+
+def check_turn(question, answer, cells):
+    """The category of a training turn, after checking its question's form and its answer against the cells: a cell
+    question is asked as SYNTH_VQA's prompt reaches the model (with the VQA suffix) and answered by the bare value;
+    a row question as SYNTH_CAPTION asks it, answered by the row's four cells, named; the caption prompt by the
+    filled cells in reading order, named."""
+    if m := CELL.fullmatch(question.removesuffix(VQA_SUFFIX)):
+        assert question.endswith(VQA_SUFFIX), question
+        assert m[1] in LETTERS, question
+        assert answer in VALUES and answer == cells[m[1]], (question, answer, cells[m[1]])
+        return "cell"
+    if m := ROW.fullmatch(question):
+        words = answer.split()
+        assert words[0::2] == list(LETTERS[4 * (int(m[1]) - 1):4 * int(m[1])]), (question, answer)
+        assert answer == row_words(cells, int(m[1])), (question, answer)
+        return "row"
+    if question == COCO_PROMPT:
+        words = answer.split()
+        assert "empty" not in words and set(words[1::2]) <= VALUES, answer
+        assert set(words[0::2]) == {letter for letter, value in cells.items() if value != "empty"}, answer
+        assert answer == grid_words(cells), answer
+        return "grid"
     raise AssertionError(f"unknown question format {question!r}")
+
+
+def test_palette_names_its_colours():
+    """The pixels decide every answer, so the palette must look like its names, distinct from the light background."""
+    module = load_prepare()
+    assert set(module.VALUES) == VALUES and module.EMPTY == "empty" and module.CELL_NAMES == LETTERS
+    assert module.CAPTION_PROMPT == COCO_PROMPT and module.VQA_SUFFIX == VQA_SUFFIX
+    colours = {name: np.array(rgb, dtype=int) for name, rgb in module.COLOURS.items()}
+    background = np.array(module.BACKGROUND, dtype=int)
+    assert background.min() >= 200 and np.ptp(background) <= 20  # light grey
+    assert all(np.abs(rgb - background).max() >= 60 for rgb in colours.values())
+    for channel, name in enumerate(("red", "green", "blue")):  # the named channel dominates
+        assert colours[name][channel] > 2 * max(np.delete(colours[name], channel)), name
+    yr, yg, yb = colours["yellow"]
+    assert min(yr, yg) > 2 * yb
+    pr, pg, pb = colours["purple"]
+    assert min(pr, pb) > 2 * pg
+    orr, og, ob = colours["orange"]
+    assert orr > og > ob and orr > 1.5 * og
 
 
 def test_training_answers_match_the_pixels(synthetic):
@@ -90,30 +135,41 @@ def test_training_answers_match_the_pixels(synthetic):
     for record in read_jsonl(out / "train.jsonl") + read_jsonl(out / "val.jsonl"):
         cells = read_cells(Image.open(out / record["image"]), module)
         messages = record["messages"]
+        checked[f"{len(messages) // 2} turns"] += 1
         for question, answer in zip(messages[0::2], messages[1::2]):
-            category, expected, _ = answer_from_pixels(question["content"], cells, module.CAPTION_PROMPT)
-            assert answer["content"] == expected, (record["image"], question["content"])
+            category = check_turn(question["content"], answer["content"], cells)
             checked[category] += 1
-            checked["mcq"] += bool(MCQ.fullmatch(question["content"]))
-            checked["vqa suffix"] += question["content"].endswith(VQA_SUFFIX)
+            checked["empty cell"] += category == "cell" and answer["content"] == "empty"
     print(checked)
-    assert all(checked[k] >= 2 for k in ("cell", "check", "row", "caption", "mcq", "vqa suffix")), checked
-    assert checked["check"] > checked["caption"]  # weights 3 : 1
+    assert all(checked[k] >= 2 for k in ("cell", "row", "grid", "empty cell", "1 turns", "2 turns")), checked
+    assert checked["cell"] > checked["row"] + checked["grid"]  # weights 6 : 2 : 1
 
 
 def test_benchmark_answers_match_the_pixels(synthetic):
     module, out = synthetic
-    for name in ("SYNTH_YORN", "SYNTH_MCQ", "SYNTH_VQA", "SYNTH_CAPTION"):
-        for row in read_tsv(out / "bench" / f"{name}.tsv"):
-            cells = read_cells(Image.open(io.BytesIO(base64.b64decode(row["image"]))), module)
-            options = [row[k] for k in "ABCD"] if name == "SYNTH_MCQ" else None
-            category, _, expected = answer_from_pixels(row["question"], cells, module.CAPTION_PROMPT, options)
-            assert row["category"] == category, (name, row["index"])
-            if name in ("SYNTH_YORN", "SYNTH_MCQ"):
-                assert row["answer"] == expected, (name, row["index"])
+    values = collections.Counter()
+    for name in BENCHMARKS:
+        for row in read_tsv(out / "bench" / f"{name}.tsv")[1]:
+            cells = read_cells(tsv_image(row), module)
+            references = ast.literal_eval(row["answer"])
+            assert isinstance(references, list) and all(isinstance(r, str) for r in references), row["answer"]
+            question, where = row["question"], (name, row["index"])
+            if name == "SYNTH_VQA":  # the plain question: benchmarks.py's VQA prompt adds the suffix
+                m = CELL.fullmatch(question)
+                assert m and m[1] in LETTERS and row["category"] == "cell", where
+                assert references == [cells[m[1]]] * 10, where
+                values[cells[m[1]]] += 1
+            elif row["category"] == "row":
+                m = ROW.fullmatch(question)
+                assert m, where
+                assert references == [row_words(cells, int(m[1]))], where
             else:
-                references = ast.literal_eval(row["answer"])
-                assert references == [expected] * (10 if name == "SYNTH_VQA" else 1), (name, row["index"])
+                assert row["category"] == "grid" and question == COCO_PROMPT, where
+                assert references == [grid_words(cells)], where
+            # the prompt the model gets (benchmarks.py adds the VQA suffix) is a training question's exact form
+            prompt = question + VQA_SUFFIX if name == "SYNTH_VQA" else question
+            assert check_turn(prompt, references[0], cells) == row["category"], where
+    assert len(values) >= 3, values  # the references are not all one value
 
 
 def test_files_and_benchmark_layout(synthetic):
@@ -126,30 +182,29 @@ def test_files_and_benchmark_layout(synthetic):
             assert set(record) == {"image", "messages"}
             roles = [m["role"] for m in record["messages"]]
             assert len(roles) in (2, 4) and roles == ["user", "assistant"] * (len(roles) // 2)
+            assert all(set(m) == {"role", "content"} for m in record["messages"])
             assert all(isinstance(m["content"], str) and m["content"] for m in record["messages"])
             assert "<image>" not in json.dumps(record)
             assert Image.open(out / record["image"]).size == (112, 112)
-    assert sorted(os.listdir(out / "bench")) == ["SYNTH_CAPTION.tsv", "SYNTH_MCQ.tsv", "SYNTH_VQA.tsv", "SYNTH_YORN.tsv"]
+    assert sorted(os.listdir(out / "bench")) == sorted(f"{name}.tsv" for name in BENCHMARKS)
     assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= set(os.listdir(out / "clip"))
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(out / "llama"))
 
-    columns = ["index", "image", "question", "answer", "category"]
-    categories = {"SYNTH_YORN": ["check"], "SYNTH_MCQ": ["cell"], "SYNTH_VQA": ["cell", "row"],
-                  "SYNTH_CAPTION": ["caption"]}
-    for name, wanted in categories.items():
-        with open(out / "bench" / f"{name}.tsv", encoding="utf-8") as f:
-            header = f.readline().rstrip("\n").split("\t")
-        rows = read_tsv(out / "bench" / f"{name}.tsv")
-        assert header == (["index", "image", "question", "A", "B", "C", "D", "answer", "category"]
-                          if name == "SYNTH_MCQ" else columns)
+    for name, rotation in BENCHMARKS.items():
+        header, rows = read_tsv(out / "bench" / f"{name}.tsv")
+        assert header == COLUMNS, name
         assert [r["index"] for r in rows] == [str(i) for i in range(N_BENCH)]
-        assert collections.Counter(r["category"] for r in rows) == {c: N_BENCH // len(wanted) for c in wanted}
-        if name == "SYNTH_YORN":
-            assert collections.Counter(r["answer"] for r in rows) == {"Yes": N_BENCH // 2, "No": N_BENCH // 2}
-        if name == "SYNTH_MCQ":
-            assert all(r["answer"] in ("A", "B", "C", "D") for r in rows)
-        if name == "SYNTH_CAPTION":
-            assert all(r["question"] == module.CAPTION_PROMPT for r in rows)
+        # row i has category i mod the number of categories: each the same number of rows
+        assert [r["category"] for r in rows] == [rotation[i % len(rotation)] for i in range(N_BENCH)], name
+        assert all(len(r["image"]) > 64 and Image.open(io.BytesIO(base64.b64decode(r["image"]))).size == (112, 112)
+                   for r in rows)
+        assert all(not r["question"].endswith(VQA_SUFFIX) and "\n" not in r["question"] for r in rows)
+        references = [ast.literal_eval(r["answer"]) for r in rows]
+        if name == "SYNTH_VQA":  # TextVQA's ten references, all the one answer
+            assert all(len(refs) == 10 and len(set(refs)) == 1 and refs[0] in VALUES for refs in references)
+        else:  # COCO-like: one reference
+            assert all(len(refs) == 1 and refs[0] for refs in references)
+            assert all((r["question"] == COCO_PROMPT) == (r["category"] == "grid") for r in rows)
 
 
 def test_benchmark_images_are_held_out(synthetic):
@@ -158,10 +213,40 @@ def test_benchmark_images_are_held_out(synthetic):
     module, out = synthetic
     scenes = [tuple(read_cells(Image.open(out / r["image"]), module).values())
               for split in ("train", "val") for r in read_jsonl(out / f"{split}.jsonl")]
-    for name in ("SYNTH_YORN", "SYNTH_MCQ", "SYNTH_VQA", "SYNTH_CAPTION"):
-        scenes += [tuple(read_cells(Image.open(io.BytesIO(base64.b64decode(r["image"]))), module).values())
-                   for r in read_tsv(out / "bench" / f"{name}.tsv")]
-    assert len(scenes) == N_TRAIN + N_VAL + 4 * N_BENCH and len(set(scenes)) == len(scenes)
+    for name in BENCHMARKS:
+        scenes += [tuple(read_cells(tsv_image(r), module).values()) for r in read_tsv(out / "bench" / f"{name}.tsv")[1]]
+    assert len(scenes) == N_TRAIN + N_VAL + len(BENCHMARKS) * N_BENCH and len(set(scenes)) == len(scenes)
+    # the 7 values equally likely (chance 1/7): 1/7 of the cells is 160 here, with a standard deviation of about 12
+    counts = collections.Counter(value for scene in scenes for value in scene)
+    assert set(counts) == VALUES and all(100 < n < 220 for n in counts.values()), counts
+
+
+def test_conversation_keeps_to_the_listed_cells():
+    """Stage 0's use of the world: with a subset of the cells listed only cell questions, about listed cells; with
+    every cell listed (or none given) all categories. Checked on rendered pixels."""
+    module = load_prepare()
+    rng = random.Random(5)
+    seen = collections.Counter()
+    for k in range(150):
+        scene = module.random_scene(rng)
+        cells = read_cells(module.render(scene), module)
+        listed = set(rng.sample(range(16), rng.randint(1, 15)))
+        words = module.scene_words(scene, listed)  # what stage 0 writes in place of the vision tokens
+        assert words == " ".join(f"{LETTERS[i]} {cells[LETTERS[i]]}" for i in sorted(listed))
+        assert module.scene_words(scene) == " ".join(f"{letter} {value}" for letter, value in cells.items())
+        for subset, allowed in ((listed, {"cell"}), (set(range(16)), {"cell", "row", "grid"}),
+                                (None, {"cell", "row", "grid"})):
+            messages = module.conversation(scene, rng, subset)
+            assert [m["role"] for m in messages] in (["user", "assistant"], ["user", "assistant"] * 2)
+            for question, answer in zip(messages[0::2], messages[1::2]):
+                category = check_turn(question["content"], answer["content"], cells)
+                assert category in allowed, (subset, question)
+                if subset is listed:
+                    assert LETTERS.index(CELL.match(question["content"])[1]) in listed, (listed, question)
+                seen[category, len(subset or range(16)) == 16] += 1
+    assert all(seen[c, True] >= 20 for c in ("cell", "row", "grid")), seen
+    with pytest.raises(ValueError):
+        module.ask(module.random_scene(rng), "check", rng)  # the yes/no questions are gone
 
 
 def files_under(folder):
@@ -176,7 +261,11 @@ def test_cli_at_issue_twelve_size_and_same_bytes_for_a_seed(tmp_path):
     result = subprocess.run([sys.executable, "data/synthetic/prepare.py", f"--out_dir={cli}", *args], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "wrote 40 train, 12 val conversations and 4 x 150 benchmark rows" in result.stdout
+    assert "wrote 40 train, 12 val conversations and " in result.stdout
+    assert sorted(os.listdir(cli / "bench")) == sorted(f"{name}.tsv" for name in BENCHMARKS)
+    for name in BENCHMARKS:  # the default size: 150 rows each
+        header, rows = read_tsv(cli / "bench" / f"{name}.tsv")
+        assert header == COLUMNS and len(rows) == 150
     module = load_prepare()
     again, other = tmp_path / "again", tmp_path / "other"
     module.main(module.Config(out_dir=str(again), seed=1, n_train=40, n_val=12))
@@ -184,8 +273,8 @@ def test_cli_at_issue_twelve_size_and_same_bytes_for_a_seed(tmp_path):
     assert files_under(cli) == files_under(again) == files_under(other)
     for path in files_under(cli):
         assert (cli / path).read_bytes() == (again / path).read_bytes(), path
-    for path in ("train.jsonl", "val.jsonl", "images/train/000000.png", "bench/SYNTH_YORN.tsv", "bench/SYNTH_MCQ.tsv",
-                 "bench/SYNTH_VQA.tsv", "bench/SYNTH_CAPTION.tsv", "clip/model.safetensors", "llama/model.safetensors"):
+    for path in ("train.jsonl", "val.jsonl", "images/train/000000.png", "bench/SYNTH_VQA.tsv",
+                 "bench/SYNTH_CAPTION.tsv", "clip/model.safetensors", "llama/model.safetensors"):
         assert (cli / path).read_bytes() != (other / path).read_bytes(), path
 
 
@@ -196,6 +285,7 @@ def test_llama_tokenizer_conventions(tmp_path):
     rng = random.Random(0)
     texts = [m["content"] for _ in range(30) for m in module.conversation(module.random_scene(rng), rng)]
     template = (SYSTEM_PROMPT, "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
+    assert module.TEMPLATE_PIECES == template
     path = module.train_llama_tokenizer(texts, str(tmp_path), 400, whole_pieces=template)
     assert path == os.path.join(str(tmp_path), "tokenizer.model")
     sp = spm.SentencePieceProcessor(model_file=path)
@@ -209,8 +299,9 @@ def test_llama_tokenizer_conventions(tmp_path):
     head = f"[INST] <<SYS>>\n{SYSTEM_PROMPT}\n<</SYS>>\n\n"  # fusion.py's first turn
     assert sp.encode(head, out_type=str) == ["\u2581", "[INST]", "\u2581", "<<SYS>>", "\n",
                                              SYSTEM_PROMPT.replace(" ", "\u2581"), "\n", "<</SYS>>", "\n", "\n"]
-    assert sp.encode("Is cell F red? [/INST]", out_type=str)[-1] == "[/INST]"
-    for text in (head, "Is cell F red? [/INST]", "A red B empty C blue", "[INST]"):
+    question = "What colour is cell F?" + VQA_SUFFIX
+    assert sp.encode(question + " [/INST]", out_type=str)[-1] == "[/INST]"
+    for text in (head, question + " [/INST]", "E red F empty G blue", "[INST]", COCO_PROMPT):
         assert sp.decode(sp.encode(text)) == text
     plain = spm.SentencePieceProcessor(model_file=module.train_llama_tokenizer(texts, str(tmp_path / "plain"), 400))
     assert len(plain.encode(SYSTEM_PROMPT)) > 10  # without whole_pieces the prompt is split up
@@ -221,6 +312,26 @@ def test_llama_tokenizer_conventions(tmp_path):
     ids = sp.encode(unseen)
     assert 0 not in ids and sp.decode(ids) == unseen  # byte fallback: no <unk>
     assert sp.id_to_piece(sp.encode("✓")[-3:]) == ["<0xE2>", "<0x9C>", "<0x93>"]
+
+
+def test_full_size_tokenizer_keeps_names_and_values_whole(tmp_path):
+    """On the full-size run's text (the training conversations of the default seed, written as write_split draws
+    them) and vocabulary, every value and cell name is one piece, as a bare answer and inside a row or caption."""
+    import sentencepiece as spm
+
+    module = load_prepare()
+    cfg = module.Config()
+    rng = random.Random(f"{cfg.seed}-train")
+    texts = []
+    for _ in range(cfg.n_train):
+        scene = module.random_scene(rng)
+        texts += [m["content"] for m in module.conversation(scene, rng)]
+    sp = spm.SentencePieceProcessor(model_file=module.train_llama_tokenizer(
+        texts, str(tmp_path), cfg.llama_vocab_size, module.TEMPLATE_PIECES))
+    for value in VALUES:
+        assert sp.encode(value, out_type=str) == ["\u2581" + value], value
+    words = " ".join(f"{letter} {value}" for letter, value in zip(LETTERS, sorted(VALUES) * 3))
+    assert sp.encode(words, out_type=str) == ["\u2581" + word for word in words.split()]
 
 
 def test_clip_vocab_loads_in_transformers(tmp_path):

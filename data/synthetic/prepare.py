@@ -9,39 +9,30 @@ The world
 ---------
 Image: 112 x 112 px, a 4 x 4 grid of 28-px cells, each filled with one solid colour (red, green, blue, yellow,
 purple, orange) or left empty (the light background), all 7 equally likely and independent (chance: 1/7). A cell is
-2 x 2 patches of the tiny ViT (14 px) and one token after the merge conv, so nothing is too small to see: what
-limits a model is how much of the grid its n_l vision tokens can carry. Cells are named by letters in reading
-order, skipping A-D (the options of multiple-choice prompts) and I, O: row 1 is E F G H, row 4 is S T U V.
+2 x 2 patches of the tiny ViT (14 px) and one token after the merge conv, so the image has 16 vision tokens (and a
+separator): what limits a model is how much of the grid its n_l tokens can carry. Cells are named by letters in
+reading order, skipping A-D and I, O: row 1 is E F G H, row 4 is S T U V.
 
-Every answer first names the cells it reads, with their contents ("F red"), the way the scene is written in words.
-A 2-layer LLM copies a cell's colour from its context reliably when the cell's letter is the token it has just
-written (the induction pattern), but it did not learn, within the CPU budget, to look a cell up in one step from the
-letter in the question (stage-0 exact match 28% on "What colour is cell F?" answered "red", 100% on rows).
-
-Question types (the `category` of every benchmark row) and how much of the image each needs:
-  cell     "What colour is cell F?" -> "F red" (or "F empty")                               one cell
-  check    "Is cell F red?" -> "F red Yes" / "F blue No" (half each)                        one cell
-  row      "What is in row 2?" -> "J red K empty L blue M green"                             four cells
-  caption  COCO's caption prompt -> the filled cells in reading order: "E red G blue H purple ..."   every cell
-With the question fused into the vision tokens a one-cell question needs one token; a row needs about four and a
-caption about sixteen, so scores can rise with n_l even when the question is fused.
+Question types (the `category` of every benchmark row), each asked in exactly one format, the benchmark's:
+  cell   "What colour is cell F?" + VQA_SUFFIX -> "red" (or "empty")                           one cell
+  row    "What is in row 2?" -> "J red K empty L blue M green"                                  four cells
+  grid   COCO's caption prompt -> the filled cells in reading order: "E red G blue H purple ..."  every cell
+A cell answer is the bare value, so with the question fused into the vision tokens one token can carry it; without
+the question one token would have to carry all 16 cells. Rows and the grid name their cells (the LLM copies each
+value after its letter), and need about 4 and 16 tokens, so their scores rise with n_l also when the question is
+fused.
 
 The scene in words, what stage 0 (data/synthetic/pretrain_llm.py) puts where the vision tokens go:
   "E red F empty G blue ... V green" (all 16 cells, or a listed subset, in reading order).
 
 Training conversations hold 1-2 turns (so later questions, and n_s, are exercised), types drawn with weights
-cell 3, check 3, row 2, caption 1 (captions are rare: their 16-32 answer tokens would otherwise dominate the
-token-mean loss). A row question is asked plainly or with VLMEvalKit's VQA suffix; a cell question
-plainly (half of them), with the VQA suffix, or as
-VLMEvalKit's multiple-choice prompt (answered "F red" too: VLMEvalKit's rule reads an option from its text when no
-option letter stands alone), so the model learns the benchmark formats.
+cell 6, row 2, grid 1 (the grid's 16-32 answer tokens would otherwise dominate the token-mean loss).
 
 Benchmarks (VLMEvalKit TSVs, images base64 PNG, each row a held-out image from its own random stream, categories in
 a fixed rotation so each has the same number of rows):
-  SYNTH_YORN     check            answer Yes/No, exactly half each          (scored like POPE)
-  SYNTH_MCQ      cell             options A-D (colours), answer a letter    (like SEEDBench_IMG)
-  SYNTH_VQA      cell, row        10 references, all the canonical answer   (like TextVQA)
-  SYNTH_CAPTION  caption          one reference                             (like COCO_VAL)
+  SYNTH_VQA      cell        10 references, all the canonical answer   (scored like TextVQA; evaluate.py adds the
+                                                                        VQA suffix, so the TSV's question lacks it)
+  SYNTH_CAPTION  row, grid   one reference, the question in its row    (scored like COCO, CIDEr per category too)
 Outputs: train.jsonl, val.jsonl ({"image": "images/train/000000.png", "messages": [...]}), images/, bench/*.tsv,
 clip/ (tiny random CLIPModel + vocab.json + merges.txt), llama/ (tiny random LlamaForCausalLM + tokenizer.model).
 
@@ -98,15 +89,13 @@ EMPTY, BACKGROUND = "empty", (238, 238, 238)
 VALUES = (*COLOURS, EMPTY)
 SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions.")
-VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
+VQA_SUFFIX = "\nAnswer the question using a single word or phrase."  # evaluate.py's VQA prompt adds it
 CAPTION_PROMPT = ("Please describe this image in general. Directly provide the description, do not include "
                   "prefix like \"This image depicts\". ")
-TURN_WEIGHTS = {"cell": 3, "check": 3, "row": 2, "caption": 1}
+TURN_WEIGHTS = {"cell": 6, "row": 2, "grid": 1}
 BENCH_CATEGORIES = {
-    "SYNTH_YORN": ("check",),
-    "SYNTH_MCQ": ("cell",),
-    "SYNTH_VQA": ("cell", "row"),
-    "SYNTH_CAPTION": ("caption",),
+    "SYNTH_VQA": ("cell",),
+    "SYNTH_CAPTION": ("row", "grid"),
 }
 
 
@@ -139,63 +128,28 @@ def caption(scene):
     return " ".join(f"{CELL_NAMES[i]} {value}" for i, value in enumerate(scene) if value != EMPTY)
 
 
-def ask(scene, category, rng, yes=None, cells=None):
-    """One question: (question, answer, (right option, 3 wrong options) or None). yes: for check questions, force
-    the verdict (the benchmark balances it exactly); None draws it. cells: the cells a one-cell question may ask
-    about."""
-    i = rng.choice(sorted(cells) if cells is not None else range(len(scene)))
-    name, value = CELL_NAMES[i], scene[i]
+def ask(scene, category, rng, cells=None):
+    """One question in the form the benchmarks ask it: (question, answer). cells: the cells a one-cell question
+    may ask about (all by default)."""
     if category == "cell":
-        return f"What colour is cell {name}?", f"{name} {value}", (value, rng.sample([v for v in VALUES if v != value], 3))
-    if category == "check":
-        yes = rng.random() < 0.5 if yes is None else yes
-        named = value if yes else rng.choice([v for v in VALUES if v != value])
-        return f"Is cell {name} {named}?", f"{name} {value} {'Yes' if yes else 'No'}", None
+        i = rng.choice(sorted(cells) if cells is not None else range(len(scene)))
+        return f"What colour is cell {CELL_NAMES[i]}?" + VQA_SUFFIX, scene[i]
     if category == "row":
         r = rng.randrange(GRID)
-        return f"What is in row {r + 1}?", scene_words(scene, range(r * GRID, (r + 1) * GRID)), None
-    if category == "caption":
-        return CAPTION_PROMPT, caption(scene), None
+        return f"What is in row {r + 1}?", scene_words(scene, range(r * GRID, (r + 1) * GRID))
+    if category == "grid":
+        return CAPTION_PROMPT, caption(scene)
     raise ValueError(f"unknown question category {category!r}")
 
 
-def mcq_prompt(question, options):
-    """VLMEvalKit's ImageMCQDataset.build_prompt text (no hint)."""
-    lines = "".join(f"{letter}. {text}\n" for letter, text in zip("ABCD", options))
-    return f"Question: {question}\nOptions:\n{lines}Please select the correct answer from the options above. \n"
-
-
-def shuffled_options(choices, rng):
-    """(right, wrong options) -> the 4 options in random order, the right one's letter."""
-    right, wrong = choices
-    options = [right] + list(wrong)
-    rng.shuffle(options)
-    return options, "ABCD"[options.index(right)]
-
-
-def training_turn(scene, category, rng, cells=None):
-    """Cell and row questions as SYNTH_VQA asks them (with the VQA suffix) too, cell questions also as SYNTH_MCQ."""
-    question, answer, choices = ask(scene, category, rng, cells=cells)
-    if category not in ("cell", "row"):
-        return question, answer
-    style = rng.choice(("plain", "plain", "vqa", "mcq") if choices else ("plain", "vqa"))
-    if style == "vqa":
-        return question + VQA_SUFFIX, answer
-    if style == "mcq":
-        options, _ = shuffled_options(choices, rng)
-        return mcq_prompt(question, options), answer
-    return question, answer
-
-
 def conversation(scene, rng, cells=None):
-    """1-2 turns. cells: what the context tells of the scene (stage 0 lists a subset); questions then stay within
-    it (one-cell questions only, unless every cell is known)."""
+    """1-2 turns, categories drawn by TURN_WEIGHTS. cells: what the context tells of the scene (stage 0 lists a subset);
+    questions then stay within it (one-cell questions only, unless every cell is known)."""
     known_all = cells is None or len(cells) == len(scene)
-    categories = [c for c in TURN_WEIGHTS if known_all or c in ("cell", "check")]
-    weights = [TURN_WEIGHTS[c] for c in categories]
+    categories = [c for c in TURN_WEIGHTS if known_all or c == "cell"]
     messages = []
     for _ in range(rng.randint(1, 2)):
-        question, answer = training_turn(scene, rng.choices(categories, weights)[0], rng, cells)
+        question, answer = ask(scene, rng.choices(categories, [TURN_WEIGHTS[c] for c in categories])[0], rng, cells)
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return messages
 
@@ -207,25 +161,17 @@ def png_base64(image):
 
 
 def benchmark_rows(name, n_rows, rng):
-    """Header and rows of one benchmark TSV; row i has category i mod (number of categories)."""
+    """Header and rows of one benchmark TSV; row i has category i mod (number of categories). The cell questions
+    go without VQA_SUFFIX: evaluate.py's VQA prompt adds it."""
     categories = BENCH_CATEGORIES[name]
-    header = {"SYNTH_MCQ": ["index", "image", "question", "A", "B", "C", "D", "answer", "category"]}.get(
-        name, ["index", "image", "question", "answer", "category"])
     rows = []
     for i in range(n_rows):
         scene, category = random_scene(rng), categories[i % len(categories)]
-        question, answer, choices = ask(scene, category, rng, yes=(i // len(categories)) % 2 == 0)
-        image = png_base64(render(scene))
-        if name == "SYNTH_MCQ":
-            options, letter = shuffled_options(choices, rng)
-            rows.append([str(i), image, question, *options, letter, category])
-        elif name == "SYNTH_VQA":
-            rows.append([str(i), image, question, repr([answer] * 10), category])
-        elif name == "SYNTH_CAPTION":
-            rows.append([str(i), image, question, repr([answer]), category])
-        else:  # POPE's answer is the verdict alone
-            rows.append([str(i), image, question, answer.split()[-1], category])
-    return header, rows
+        question, answer = ask(scene, category, rng)
+        question = question.removesuffix(VQA_SUFFIX)
+        references = [answer] * 10 if name == "SYNTH_VQA" else [answer]  # TextVQA has ten, COCO one here
+        rows.append([str(i), png_base64(render(scene)), question, repr(references), category])
+    return ["index", "image", "question", "answer", "category"], rows
 
 
 def write_split(out_dir, split, n, rng):
@@ -392,8 +338,8 @@ def main(cfg):
     t2 = time.time()
     write_tiny_models(cfg, out, cfg.llama_vocab_size, clip_vocab)
     t3 = time.time()
-    print(f"wrote {cfg.n_train} train, {cfg.n_val} val conversations and 4 x {cfg.n_bench} benchmark rows "
-          f"in {t1 - t0:.1f} s")
+    print(f"wrote {cfg.n_train} train, {cfg.n_val} val conversations and {len(BENCH_CATEGORIES)} x {cfg.n_bench} "
+          f"benchmark rows in {t1 - t0:.1f} s")
     print(f"tokenizers in {t2 - t1:.1f} s (clip vocab {len(clip_vocab)}, "
           f"llama vocab {cfg.llama_vocab_size}); tiny models in {t3 - t2:.1f} s")
     for part in ("images", "bench", "clip", "llama"):
