@@ -83,8 +83,8 @@ def scene_pieces(token_space, scene, cells, form):
     return [token_space.sp.encode(CELL_NAMES[i]) + token_space.sp.encode(scene[i]) for i in cells]
 
 
-def layout(token_space, messages, scene):
-    """(positions, labels): stage 2's LLM sequence with the scene positions (scene_pieces) in place of the first
+def layout(token_space, messages, scene_positions):
+    """(positions, labels): stage 2's LLM sequence with scene_positions (scene_pieces' list) in place of the first
     turn's slots and no slots in later turns; each position a list of ids (summed embeddings); labels as
     fusion.py's (answer tokens and their </s>, not shifted, IGNORE elsewhere). An assistant message of None ends
     the sequence after [/INST] (a generation prompt)."""
@@ -93,7 +93,7 @@ def layout(token_space, messages, scene):
         turn_ids, slots, turn_labels = token_space.llm_turn(index // 2, messages[index]["content"],
                                                             messages[index + 1]["content"])
         at, n = slots.index(True), sum(slots)
-        inserted = scene if index == 0 else []
+        inserted = scene_positions if index == 0 else []
         positions += [[t] for t in turn_ids[:at]] + inserted + [[t] for t in turn_ids[at + n:]]
         labels += turn_labels[:at] + [IGNORE] * len(inserted) + turn_labels[at + n:]
     return positions, labels
