@@ -191,9 +191,9 @@ def inference_vlm(model_cfg, weights, llm, path, device, dtype):
 
 def init_from(model, path, log):
     """train_gen.py's init_from: a stage-1 checkpoint gives its vision tower and fused model (the bridge starts
-    fresh; its text tower and alignment head are dropped), a stage-2/3 one everything it trained. A checkpoint of
-    another compressor (every stage-1 one is fused) gives only its vision tower; that compressor and the bridge keep
-    the fresh init `model` was built with."""
+    fresh; its text tower and alignment head, or its answer head, are dropped), a stage-2/3 one everything it
+    trained. A checkpoint of another compressor (every stage-1 one is fused) gives only its vision tower; that
+    compressor and the bridge keep the fresh init `model` was built with."""
     tensors, meta = load_checkpoint(path, prefix="model.")
     stage1 = meta.get("stage") == "align"
     theirs, ours = meta.get("model_config", {}).get("compressor", "fused"), model.cfg.compressor
@@ -211,7 +211,7 @@ def init_from(model, path, log):
     if fresh:
         weights = {k: v for k, v in weights.items() if not k.startswith(fresh)}
         weights.update({k: v.detach().clone() for k, v in model.trainable_state_dict().items() if k.startswith(fresh)})
-    load_trainable(model, weights, path, unused_prefixes=("text.", "align_head.", "logit_scale"), log=log)
+    load_trainable(model, weights, path, unused_prefixes=("text.", "align_head.", "logit_scale", "answer_head."), log=log)
     log(f"initialised from {path} ({meta.get('stage')} checkpoint at step {meta.get('step')})")
     if swapped:
         log(f"compressor={ours}: {path} holds a {theirs} model; only its vision tower is taken, the {ours} and the "

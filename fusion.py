@@ -54,12 +54,13 @@ sample is read; a file that does not decode then raises (or, with skip_bad, is c
 and replaced by the next readable sample).
 """
 import collections
+import copy
 import json
 import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -162,6 +163,7 @@ def image_crops(img, size, num_crops):
 # conversation -> the fused-model sequence and the LLM sequence
 
 IGNORE = -100   # label of positions without loss
+MIX_SEED = 0    # ConversationDataset's per-line draw of a token space from a mix
 SLOT_ID = 0     # LLM placeholder id at the positions the bridge outputs overwrite
 
 
@@ -186,6 +188,12 @@ class TokenSpace:
         self.clip = CLIPTokenizer(vocab=os.path.join(cfg.clip_path, "vocab.json"),
                                   merges=os.path.join(cfg.clip_path, "merges.txt"))
         self.clip_eos = self.clip.eos_token_id  # <|endoftext|>, 49407 for real CLIP
+
+    def replaced(self, **changes):
+        """This token space with some settings changed (e.g. n_l, drop_question), sharing the tokenizers."""
+        other = copy.copy(self)
+        other.cfg = replace(self.cfg, **changes)
+        return other
 
     def clip_ids(self, text):
         # split_special_tokens: a literal "<|endoftext|>" in the text must not become an EOS
@@ -403,17 +411,26 @@ class ConversationDataset(torch.utils.data.Dataset):
     """Map-style dataset over a JSONL file. skip_bad=False: the first bad line raises, naming file and line.
     skip_bad=True: bad lines are counted in .skipped by reason. A first turn longer than max_seq_len (on either
     side) is always skipped and counted; dropped trailing turns are counted in .turns_dropped. <bbox> tags are
-    mapped into the global view's frame, also before the length fit (which then reads the image's header)."""
+    mapped into the global view's frame, also before the length fit (which then reads the image's header).
+    mix: [(token space, share), ...] with shares summing to 1: each line is read in one of them (e.g. another n_l,
+    or without the question), drawn once per line of the file with a fixed seed, so a line keeps its token space in
+    every run, epoch and process and a bad line shifts no other's draw; empty: token_space for every line."""
 
-    def __init__(self, path, image_root, token_space, skip_bad=False):
+    def __init__(self, path, image_root, token_space, skip_bad=False, mix=()):
         self.path, self.image_root, self.token_space, self.skip_bad = path, image_root, token_space, skip_bad
+        self.token_spaces = [space for space, _ in mix] or [token_space]
+        shares = np.array([share for _, share in mix] or [1.0])
+        if (shares < 0).any() or abs(shares.sum() - 1) > 1e-6:
+            raise InputError(f"the token-space mix's shares must be >= 0 and sum to 1, got {shares.tolist()}")
+        draw = np.random.default_rng(MIX_SEED)
         self.skipped = collections.Counter()
         self.turns_dropped = 0
-        offsets, line_numbers, turns_kept = [], [], []
+        offsets, line_numbers, turns_kept, spaces = [], [], [], []
         with open(path, "rb") as f:
             offset = 0
             for line_number, line in enumerate(f, start=1):
                 start, offset = offset, offset + len(line)
+                space = int(draw.choice(len(shares), p=shares))  # drawn for every line, blank and bad ones too
                 if not line.strip():
                     continue  # blank lines hold no sample
                 try:
@@ -426,7 +443,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 except BadSample as e:
                     self._bad(line_number, e)
                     continue
-                kept = token_space.turns_that_fit(turns)
+                kept = self.token_spaces[space].turns_that_fit(turns)
                 if kept == 0:
                     self.skipped["first turn longer than max_seq_len"] += 1
                     continue
@@ -434,10 +451,12 @@ class ConversationDataset(torch.utils.data.Dataset):
                 offsets.append(start)
                 line_numbers.append(line_number)
                 turns_kept.append(kept)
+                spaces.append(space)
         # numpy rather than lists of Python ints: DataLoader workers then share the pages instead of copying them
         self.offsets = np.array(offsets, dtype=np.int64)
         self.line_numbers = np.array(line_numbers, dtype=np.int64)
         self.turns_kept = np.array(turns_kept, dtype=np.int64)
+        self.space = np.array(spaces, dtype=np.int64)  # each sample's index into token_spaces
         if not len(self):
             raise InputError(f"no usable samples in {self.summary()}")
 
@@ -468,12 +487,23 @@ class ConversationDataset(torch.utils.data.Dataset):
             self._bad(self.line_numbers[index], e)
             print(f"skipping {self.path}, line {self.line_numbers[index]}: {e}", file=sys.stderr)
             return None
-        return self.token_space.make_sample(img, self.boxes_mapped(turns[:self.turns_kept[index]], img.size))
+        turns = self.boxes_mapped(turns[:self.turns_kept[index]], img.size)
+        return self.token_spaces[self.space[index]].make_sample(img, turns)
 
     def summary(self):
         skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items())) or "none"
+        mix = ""
+        if len(self.token_spaces) > 1:
+            counts = np.bincount(self.space, minlength=len(self.token_spaces))
+            mix = "; mixed: " + ", ".join(f"{count} with {space_label(space.cfg, self.token_space.cfg)}"
+                                          for space, count in zip(self.token_spaces, counts))
         return (f"{self.path}: {len(self)} samples, skipped {sum(self.skipped.values())} ({skipped}), "
-                f"{self.turns_dropped} trailing turns dropped (max_seq_len={self.token_space.cfg.max_seq_len})")
+                f"{self.turns_dropped} trailing turns dropped (max_seq_len={self.token_space.cfg.max_seq_len}){mix}")
+
+
+def space_label(cfg, base):
+    """The settings in which token-space config cfg differs from base, e.g. "n_l=4 n_s=4"."""
+    return " ".join(f"{k}={v}" for k, v in vars(cfg).items() if v != getattr(base, k)) or "the same settings"
 
 
 # -----------------------------------------------------------------------------

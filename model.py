@@ -356,6 +356,33 @@ class AlignModel(nn.Module):
         return [*self.vision.vit.layers, *self.compressor.layers, *self.text.layers]
 
 
+class AnswerModel(nn.Module):
+    """Stage 1 with objective=answers: each question's EOS output classified over the training set's frequent
+    answers, as the classic VQA heads do. The vision tower is frozen: this stage teaches the fused model alone to
+    carry what its question asks for; the head is left behind with the stage."""
+
+    def __init__(self, cfg: FusedVLMConfig, n_answers):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTower(cfg.vit)
+        self.compressor = FusedModel(cfg)
+        self.answer_head = nn.Linear(cfg.vit.width, n_answers)
+        nn.init.normal_(self.answer_head.weight, std=0.02)
+        nn.init.zeros_(self.answer_head.bias)
+
+    def forward(self, batch):
+        """-> answer logits (A, n_answers) at each question's EOS."""
+        with torch.no_grad():
+            vision_tokens = self.vision(batch["pixel_values"])
+        fused = self.compressor(vision_tokens, batch["crop_to_sample"], batch["fused_ids"], batch["query_mask"],
+                                batch["output_mask"])
+        is_eos = ~batch["query_mask"][batch["output_mask"]]
+        return self.answer_head(fused[is_eos])
+
+    def blocks(self):
+        return [*self.vision.vit.layers, *self.compressor.layers]
+
+
 # -----------------------------------------------------------------------------
 # FLOPs: the count behind MFU.
 
@@ -377,19 +404,21 @@ def linear_params(module):
 
 
 def train_flops(model, batch):
-    """Model FLOPs of one forward+backward of a FusedVLM (any compressor) or an AlignModel on `batch` (MFU's numerator;
-    recomputation from activation checkpointing is not counted). A trainable weight costs 6 FLOPs per token
-    (forward 2, input gradient 2, weight gradient 2); a frozen LLM weight 4 (no weight gradient, but the
-    gradient must flow through it to the bridge). Attention scores cost 12 x layers x width x T per token
-    everywhere (the resampler's cross-attention: 12 x layers x width x its vision tokens per output): their
-    backward needs the gradients of Q, K and V whether or not the weights train."""
+    """Model FLOPs of one forward+backward of a FusedVLM (any compressor), an AlignModel or an AnswerModel on `batch`
+    (MFU's numerator; recomputation from activation checkpointing is not counted). A trainable weight costs 6 FLOPs
+    per token (forward 2, input gradient 2, weight gradient 2); a frozen LLM weight 4 (no weight gradient, but the
+    gradient must flow through it to the bridge); AnswerModel's frozen vision tower 2 (forward only, no gradient
+    flows into it). Attention scores cost 12 x layers x width x T per token wherever a gradient flows through them
+    (the resampler's cross-attention: 12 x layers x width x its vision tokens per output), 4 in a forward only."""
     vit = model.vision.vit.cfg
     K = batch["pixel_values"].shape[0]
     patches = (vit.image_size // vit.patch_size) ** 2
     merged = model.vision.tokens_per_crop() - 1
-    flops = 6 * K * (linear_params(model.vision.vit) * (1 + patches) + model.vision.merge.weight.numel() * merged)
-    flops += 4 * K * model.vision.vit.patch_embedding.weight.numel() * patches  # pixels need no gradient: 4, not 6
-    flops += 12 * K * vit.layers * vit.width * (1 + patches) ** 2
+    forward_only = isinstance(model, AnswerModel)
+    weight, pixels, scores = (2, 2, 4) if forward_only else (6, 4, 12)  # pixels need no gradient: 4, not 6
+    flops = weight * K * (linear_params(model.vision.vit) * (1 + patches) + model.vision.merge.weight.numel() * merged)
+    flops += pixels * K * model.vision.vit.patch_embedding.weight.numel() * patches
+    flops += scores * K * vit.layers * vit.width * (1 + patches) ** 2
     B = batch["fused_ids"].shape[0]
     crops = torch.bincount(batch["crop_to_sample"], minlength=B)
     if isinstance(model.compressor, FusedModel):  # self-attention over [vision tokens][fused text] per sample
@@ -409,6 +438,8 @@ def train_flops(model, batch):
         flops += 12 * model.cfg.text.layers * model.cfg.text.width * int((text_lens ** 2).sum())
         flops += 6 * model.align_head.weight.numel() * len(batch["answer_ids"])
         return float(flops)
+    if forward_only:  # the answer head, once per question
+        return float(flops + 6 * model.answer_head.weight.numel() * len(batch["answer_ids"]))
     flops += 6 * model.bridge.weight.numel() * int(batch["output_mask"].sum())
     llm_lens = batch["attention_mask"].sum(-1)
     flops += 4 * linear_params(model.llm) * int(llm_lens.sum())

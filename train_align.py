@@ -1,5 +1,6 @@
 """
-Stage 1: contrastive alignment of the fused model's question tokens with the CLIP text encoder.
+Stage 1: the fused model learns to read before stage 2 puts the LLM behind it; objective=contrastive is the paper's
+alignment of its question tokens with the CLIP text encoder, objective=answers a classification of short answers.
 
     python train_align.py config/tiny.py                                        # CPU, seconds
     torchrun --standalone --nproc_per_node=8 train_align.py config/paper_align.py
@@ -27,7 +28,18 @@ fsdp=True (torchrun) shards the model, its gradients and AdamW state over the ra
 the logit scale, a scalar fully_shard cannot cut, stays whole on every rank and its gradient is averaged by hand,
 as DDP would. val_file: every eval_interval steps and at the end, the loss above on every validation batch of
 batch_size conversations in file order (negatives from the same batch, never gathered), averaged over the batches.
+
+objective=answers (model.AnswerModel): each question's EOS output goes through a linear head over the training
+file's answers that occur at least answer_min_count times (the classic VQA answer classifier); turns with another
+answer get no loss. loss = cross-entropy, the mean over the classified turns of the whole step (counted on all
+ranks first, as train_gen.py counts answer tokens). The vision tower stays as clip_path holds it, no text tower.
+Why it exists: the contrastive loss cannot teach one-word answers (a micro-batch of them holds the same answer
+many times, each the others' negative); in the miniature (results/tiny/README.md) it left the EOS output nearest
+the asked cell's colour 20.5% of the time where this objective reaches 95%+. n_l_mix: each conversation is read at
+one of these n_l (drawn per line, fusion.ConversationDataset's mix), so that the EOS output carries the answer at
+every n_l a later sweep uses; empty: n_l for all.
 """
+import collections
 import math
 import sys
 import time
@@ -42,8 +54,8 @@ from backbones import CLIPText, ViT
 from checkpoint import (checkpoint_meta, load_trainable, read_resumable, restore_training_state,
                         save_training_checkpoint, trained_weights)
 from configurator import InputError, report_input_errors
-from fusion import TokenSpace, TokenSpaceConfig
-from model import AlignModel, FusedVLMConfig
+from fusion import TokenSpace, TokenSpaceConfig, parse_record
+from model import AlignModel, AnswerModel, FusedVLMConfig
 from training import (all_reduce, clip_gradients, configure_optimizer, distribute, epoch_steps, gradient_sync,
                       read_config, read_datasets, start_training, stop_if_diverged, train, val_mean)
 
@@ -73,6 +85,7 @@ class Config:
     num_crops: int = 16
     n_l: int = 256
     n_s: int = 8
+    n_l_mix: tuple = ()  # e.g. (1, 2, 4, 8, 16): each conversation at one of these n_l (n_s capped at it); () = n_l
     max_seq_len: int = 4096
     chat_template: str = "llama-2"  # the LLM layout that decides what fits max_seq_len (chat.CHAT_TEMPLATES)
     # model
@@ -81,6 +94,8 @@ class Config:
     fused_mlp: int = 5120
     text_max_positions: int = 512
     # loss
+    objective: str = "contrastive"  # contrastive (the paper's) | answers (see the docstring)
+    answer_min_count: int = 20  # answers: an answer is a class when the training file holds it this often
     eye_weight: float = 1.0
     text_outlier_sigma: float = 1.0  # 0 disables
     gather_negatives: bool = False
@@ -101,6 +116,10 @@ class Config:
 
 report_input_errors()
 cfg = read_config(Config(), sys.argv[1:], "train_align.py")
+if cfg.objective not in ("contrastive", "answers"):
+    raise InputError(f"objective must be contrastive or answers, got {cfg.objective!r}")
+if any(not isinstance(n, int) or n < 1 for n in cfg.n_l_mix):
+    raise InputError(f"n_l_mix must hold n_l values >= 1, e.g. (1, 4, 16), got {cfg.n_l_mix}")
 run, train_path, val_path, ckpt_path = start_training(cfg, "download the LLM's folder with its tokenizer.model or "
                                                            "tokenizer.json, e.g. meta-llama/Llama-2-7b-chat-hf, and put it there")
 device, world_size, log = run.device, run.world_size, run.log
@@ -111,27 +130,58 @@ device, world_size, log = run.device, run.world_size, run.log
 token_space = TokenSpace(TokenSpaceConfig(clip_path=cfg.clip_path, llama_path=cfg.llama_path, image_size=cfg.image_size,
                                           num_crops=cfg.num_crops, n_l=cfg.n_l, n_s=cfg.n_s, max_seq_len=cfg.max_seq_len,
                                           max_answer_tokens=cfg.text_max_positions, chat_template=cfg.chat_template))
-dataset, val_set = read_datasets(cfg, token_space, train_path, val_path, log)
+mix = [(token_space.replaced(n_l=n, n_s=min(n, cfg.n_s)), 1 / len(cfg.n_l_mix)) for n in cfg.n_l_mix]
+dataset, val_set = read_datasets(cfg, token_space, train_path, val_path, log, mix=mix)
 steps_per_epoch = epoch_steps(len(dataset), cfg.batch_size, cfg.grad_accum, world_size, log)
 
+
+
+def answer_classes(dataset, min_count):
+    """objective=answers: {an answer's CLIP ids, as a sample's answer row holds them: class}, the answers of the
+    dataset's kept turns that occur at least min_count times, the most frequent first."""
+    counts = collections.Counter()
+    with open(dataset.path, "rb") as f:
+        for offset, kept in zip(dataset.offsets, dataset.turns_kept):
+            f.seek(int(offset))
+            counts.update(answer for _, answer in parse_record(f.readline())[1][:kept])
+    classes = [answer for answer, n in counts.most_common() if n >= min_count]
+    if not classes:
+        raise InputError(f"{dataset.path}: no answer occurs {min_count} times or more (objective=answers classifies "
+                         f"the frequent ones; lower answer_min_count)")
+    log(f"objective=answers: {len(classes)} answers occur >= {min_count} times; they cover "
+        f"{sum(counts[a] for a in classes)} of {sum(counts.values())} turns (most frequent: {classes[:5]})")
+    limit = cfg.text_max_positions - 1  # make_sample's truncation of an answer row
+    return {tuple(token_space.clip_ids(a)[:limit] + [token_space.clip_eos]): i for i, a in enumerate(classes)}
+
+
 # -----------------------------------------------------------------------------
-# model: CLIP's vision trunk and text tower from clip_path, the fused model and the alignment head random.
+# model: CLIP's vision trunk (and for objective=contrastive its text tower) from clip_path, the rest random.
 vit = ViT.from_hf(cfg.clip_path, image_size=cfg.image_size)
-text = CLIPText.from_hf(cfg.clip_path, max_positions=cfg.text_max_positions)
-if text.cfg.eos_token_id != token_space.clip_eos:  # the tower pools at its config's EOS id, the answer rows end in this one
-    raise InputError(f"{cfg.clip_path}/config.json: text eos_token_id {text.cfg.eos_token_id} is not the tokenizer's "
-                     f"<|endoftext|> id {token_space.clip_eos}: the text tower would pool at the wrong token")
-model_cfg = FusedVLMConfig(vit=vit.cfg, text=text.cfg, fused_layers=cfg.fused_layers, fused_heads=cfg.fused_heads,
-                           fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip))
-raw_model = AlignModel(model_cfg)
-raw_model.vision.vit, raw_model.text = vit, text  # after the random init, so the other parts draw as they always did
-del vit, text
+if cfg.objective == "answers":
+    classes = answer_classes(dataset, cfg.answer_min_count)
+    model_cfg = FusedVLMConfig(vit=vit.cfg, fused_layers=cfg.fused_layers, fused_heads=cfg.fused_heads,
+                               fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip))
+    raw_model = AnswerModel(model_cfg, len(classes))
+    raw_model.vision.vit = vit
+    raw_model.vision.requires_grad_(False)
+else:
+    text = CLIPText.from_hf(cfg.clip_path, max_positions=cfg.text_max_positions)
+    if text.cfg.eos_token_id != token_space.clip_eos:  # the tower pools at its config's EOS id, the answer rows end in it
+        raise InputError(f"{cfg.clip_path}/config.json: text eos_token_id {text.cfg.eos_token_id} is not the "
+                         f"tokenizer's <|endoftext|> id {token_space.clip_eos}: the text tower would pool at the wrong "
+                         f"token")
+    model_cfg = FusedVLMConfig(vit=vit.cfg, text=text.cfg, fused_layers=cfg.fused_layers, fused_heads=cfg.fused_heads,
+                               fused_mlp=cfg.fused_mlp, fused_vocab_size=len(token_space.clip))
+    raw_model = AlignModel(model_cfg)
+    raw_model.vision.vit, raw_model.text = vit, text  # after the random init, so the other parts draw as they always did
+    del text
+del vit
 if cfg.resume:
     resumed, resumed_meta = read_resumable(ckpt_path, "align", model_cfg, cfg, ("seed", "batch_size", "grad_accum"),
                                            world_size, log)
     load_trainable(raw_model, trained_weights(resumed), ckpt_path)
-model = distribute(raw_model, run, cfg, whole=[raw_model.logit_scale])
-log(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M trainable parameters"
+model = distribute(raw_model, run, cfg, whole=[raw_model.logit_scale] if cfg.objective == "contrastive" else [])
+log(f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters"
     f"{f', sharded over {world_size} processes' if cfg.fsdp else ''}")
 
 optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
@@ -176,7 +226,37 @@ def align_loss(questions, answers, fused, logit_scale, gather=cfg.gather_negativ
     return contrastive, eye
 
 
-def train_step(micro_batches, step_log):
+def answer_targets(batch):
+    """(A,) each turn's answer class, -1 for an answer that is not one."""
+    rows = [tuple(ids[mask].tolist()) for ids, mask in zip(batch["answer_ids"], batch["answer_attention_mask"])]
+    return torch.tensor([classes.get(row, -1) for row in rows], dtype=torch.long)
+
+
+def answers_step(micro_batches, step_log):
+    """objective=answers: each micro-batch back-propagates its cross-entropy sum * world_size / N, N the classified
+    turns of the whole step on all ranks, so the gradient is that of the mean over the global batch (train_gen.py's
+    docstring works out the same arithmetic for answer tokens). -> (this rank's loss sum, N, gradient norm)."""
+    targets = [answer_targets(batch) for batch in micro_batches]
+    n_classified = all_reduce(torch.tensor(sum(int((t >= 0).sum()) for t in targets), device=device))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for micro_step, (batch, target) in enumerate(zip(micro_batches, targets)):
+        step_log.count(batch)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with gradient_sync(model, last_micro_step=micro_step == cfg.grad_accum - 1):
+            with run.autocast:
+                logits = model(batch)
+            micro_sum = F.cross_entropy(logits.float(), target.to(device), ignore_index=-1, reduction="sum")
+            (micro_sum * world_size / n_classified.clamp(min=1)).backward()
+        loss_sum += micro_sum.detach()
+    grad_norm = clip_gradients([p for p in raw_model.parameters() if p.requires_grad], cfg.grad_clip)
+    stop_if_diverged(loss_sum, grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_log.step_done()
+    return loss_sum, int(n_classified.clamp(min=1)), grad_norm
+
+
+def contrastive_step(micro_batches, step_log):
     """One optimizer step: the micro-batches' mean loss (see the docstring at the top), backward, clip, AdamW, the
     logit scale clamped. -> (the loss sum, its divisor, the gradient norm before clipping)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -202,7 +282,14 @@ def train_step(micro_batches, step_log):
 
 
 def val_batch_loss(module, batch):
-    """A validation batch's loss, negatives from the same batch (never gathered); -> (loss, 1): a mean over batches."""
+    """A validation batch's loss: contrastive with negatives from the same batch (never gathered) -> (loss, 1), a
+    mean over batches; answers -> (cross-entropy sum, classified turns), a mean over turns."""
+    if cfg.objective == "answers":
+        target = answer_targets(batch).to(device)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with run.autocast:
+            logits = module(batch)
+        return F.cross_entropy(logits.float(), target, ignore_index=-1, reduction="sum"), int((target >= 0).sum())
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with run.autocast:
         questions, answers, fused = module(batch)
@@ -218,5 +305,5 @@ def validate(step):
 
 
 # -----------------------------------------------------------------------------
-train(run, cfg, raw_model, dataset, val_set, steps_per_epoch, start_step, cfg.max_iters, optimizer, train_step,
-      validate, save)
+train(run, cfg, raw_model, dataset, val_set, steps_per_epoch, start_step, cfg.max_iters, optimizer,
+      answers_step if cfg.objective == "answers" else contrastive_step, validate, save)

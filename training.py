@@ -251,13 +251,14 @@ def metrics_up_to(out_dir, step):
         print(f"{path}: {len(lines) - len(kept)} lines past step {step} dropped: they are trained again")
 
 
-def read_datasets(cfg, token_space, train_path, val_path, log):
-    """-> (the training set, the validation set or None without val_file), each summarised in the log."""
-    dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
+def read_datasets(cfg, token_space, train_path, val_path, log, mix=()):
+    """-> (the training set, the validation set or None without val_file), each summarised in the log; mix: see
+    fusion.ConversationDataset."""
+    dataset = ConversationDataset(train_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad, mix=mix)
     log(dataset.summary())
     val_set = None
     if val_path:
-        val_set = ConversationDataset(val_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad)
+        val_set = ConversationDataset(val_path, cfg.data_dir, token_space, skip_bad=cfg.skip_bad, mix=mix)
         log(f"validation: {val_set.summary()}")
     return dataset, val_set
 

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from backbones import LlamaConfig, ViTConfig
-from model import FusedVLM, FusedVLMConfig, train_flops
+from model import AnswerModel, FusedVLM, FusedVLMConfig, train_flops
 
 EOS, SLOT = 63, 0
 
@@ -111,6 +111,20 @@ def test_frozen_llm_backward_has_no_weight_gradient_matmuls(vlm):
     assert vision_bwd["bmm"] == 2 * vision_fwd["bmm"]
     assert all(p.grad is None for p in vlm.llm.parameters())
     assert vlm.bridge.weight.grad is not None and vlm.vision.vit.patch_embedding.weight.grad is not None
+
+
+def test_answer_stage_counts_its_frozen_vision_tower_forward_only():
+    """train_align.py --objective=answers: the vision tower runs without gradient, the fused model and the head
+    train; its train_flops against the counted forward of the whole and backward of the cross-entropy."""
+    torch.manual_seed(4)
+    model = AnswerModel(tiny_config(), n_answers=7)
+    model.vision.requires_grad_(False)
+    batch = make_batch([(3, 4, 6, 20), (3, 4, 6, 20)])
+    batch["answer_ids"] = torch.zeros(2, 1, dtype=torch.long)  # one question each
+    forward, _, logits = counted(lambda: model(batch))
+    backward, _, _ = counted(torch.nn.functional.cross_entropy(logits, torch.tensor([1, 5])).backward)
+    assert all(p.grad is None for p in model.vision.parameters())
+    assert train_flops(model, batch) == pytest.approx(forward + backward, rel=1e-9)
 
 
 def test_paper_vit_matches_the_published_openclip_profile():

@@ -483,3 +483,30 @@ def test_collate_left_padding_for_generation(make_space, draw_image):
     assert b["fused_real_mask"][:, 0].all()  # the fused side stays right-padded
     assert b["output_mask"].sum() == b["slot_mask"].sum() == 6
     assert b["answer_ids"].shape == (0, 0)
+
+
+def test_a_mix_reads_each_line_in_its_own_token_space_drawn_once_per_line(tmp_path, image_root, make_space):
+    """Each line is the sample a token space built at its n_l makes (the reference: TokenSpace built here, not
+    replaced()); the draw belongs to the line, so a bad line skipped in the middle moves no other line's n_l."""
+    spaces = {n: make_space(n_l=n, n_s=min(n, 2)) for n in (1, 3, 5)}
+    mix = [(make_space().replaced(n_l=n, n_s=min(n, 2)), 1 / 3) for n in (1, 3, 5)]
+    lines = [record("a.png" if i % 2 else "b.png", Q1, A1, Q2, A2) for i in range(40)]
+    ds = ConversationDataset(write_jsonl(tmp_path, lines), str(image_root), make_space(), mix=mix)
+    n_ls = [ds[i]["query_mask"][ds[i]["output_mask"]].tolist().index(False) + 1 for i in range(len(ds))]  # 1st EOS
+    assert set(n_ls) == {1, 3, 5}  # 40 lines, a third each: all three drawn
+    for i, n in enumerate(n_ls):
+        image = Image.open(image_root / lines[i]["image"])
+        expected = spaces[n].make_sample(image, [(Q1, A1), (Q2, A2)])
+        for key in ("fused_ids", "query_mask", "output_mask", "input_ids", "slot_mask", "labels"):
+            assert ds[i][key].tolist() == expected[key].tolist(), (i, key)
+    assert "mixed: " in ds.summary() and "n_l=5" in ds.summary()
+
+    broken = lines[:7] + [record("missing.png", Q1, A1)] + lines[8:]
+    skipped = ConversationDataset(write_jsonl(tmp_path, broken), str(image_root), make_space(), mix=mix, skip_bad=True)
+    assert list(skipped.space[:7]) == list(ds.space[:7]) and list(skipped.space[7:]) == list(ds.space[8:])
+
+
+def test_a_mix_whose_shares_do_not_sum_to_one_is_refused(tmp_path, image_root, make_space):
+    path = write_jsonl(tmp_path, [record("a.png", Q1, A1)])
+    with pytest.raises(InputError, match="shares must be >= 0 and sum to 1"):
+        ConversationDataset(path, str(image_root), make_space(), mix=[(make_space(n_l=1), 0.5)])

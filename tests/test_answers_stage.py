@@ -1,0 +1,105 @@
+"""Tests of train_align.py --objective=answers: stage 1 as a classifier of the training file's frequent answers,
+read at several n_l (n_l_mix), with the vision tower frozen, and its checkpoint as stage 2's init.
+
+References are independent of train_align.py: the answers counted here from the JSONL and tokenized with
+CLIPTokenizer, one split of each step against another, the weights of the stage-1 start and of clip_path.
+"""
+import collections
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from checkpoint import load_checkpoint
+from fusion import collate
+from test_train import argv, metrics, run
+from training import configure_optimizer
+
+MIN_COUNT = 2
+ANSWERS = ["--objective=answers", f"--answer_min_count={MIN_COUNT}", "--n_l_mix=(1, 4, 16)"]
+
+
+@pytest.fixture(scope="module")
+def answers_run(synthetic_world, tmp_path_factory):
+    """The run's globals (start_state: the weights before the first step) and its folder."""
+    out = tmp_path_factory.mktemp("answers")
+    start = {}
+
+    def configure_optimizer_keeping_the_start(model, *args):
+        start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return configure_optimizer(model, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("training.configure_optimizer", configure_optimizer_keeping_the_start)
+        script_globals = run("train_align.py", mp, argv(synthetic_world, out, *ANSWERS))
+    return {**script_globals, "start_state": start}, out
+
+
+def test_the_classes_are_the_answers_seen_min_count_times(answers_run, synthetic_world):
+    counts = collections.Counter()
+    for line in (synthetic_world / "train.jsonl").read_text().splitlines():
+        counts.update(m["content"] for m in json.loads(line)["messages"][1::2])
+    frequent = {a for a, n in counts.items() if n >= MIN_COUNT}
+    assert frequent and len(frequent) < len(counts)  # some answers are classes, some are not
+    clip = CLIPTokenizer(vocab=str(synthetic_world / "clip" / "vocab.json"),
+                         merges=str(synthetic_world / "clip" / "merges.txt"))
+    rows = {tuple(clip(a, add_special_tokens=False).input_ids + [clip.eos_token_id]) for a in frequent}
+    assert set(answers_run[0]["classes"]) == rows
+
+
+def test_the_loss_falls_and_only_the_fused_model_and_head_train(answers_run, synthetic_world):
+    script_globals, out = answers_run
+    model, dataset = script_globals["raw_model"], script_globals["dataset"]
+    batches = [collate([dataset[i] for i in range(start, start + 4)]) for start in range(0, len(dataset), 4)]
+    loss_of = script_globals["val_batch_loss"]
+    trained = copy.deepcopy(model.state_dict())
+
+    def mean_loss():
+        with torch.no_grad():
+            sums, counts = zip(*(loss_of(model, b) for b in batches))
+        return sum(s.item() for s in sums) / sum(counts)
+
+    after = mean_loss()
+    model.load_state_dict(script_globals["start_state"])
+    before = mean_loss()
+    model.load_state_dict(trained)
+    print(f"answer loss on the training set: {before:.3f} before, {after:.3f} after")
+    assert after < before - 0.05
+
+    saved, meta = load_checkpoint(str(out / "ckpt.safetensors"), prefix="model.")
+    assert meta["stage"] == "align"
+    start = script_globals["start_state"]
+    vision = [k for k in start if k.startswith("vision.")]
+    assert vision and all(torch.equal(saved[f"model.{k}"], start[k]) for k in vision)
+    assert not torch.equal(saved["model.compressor.queries"], start["compressor.queries"])
+    assert not torch.equal(saved["model.answer_head.weight"], start["answer_head.weight"])
+
+
+def test_a_step_is_the_mean_over_its_classified_turns_whatever_the_split(answers_run, synthetic_world, tmp_path,
+                                                                         monkeypatch):
+    """The run splits each step's 4 conversations into 2 micro-batches of 2; one micro-batch of 4 must give the same
+    losses at every step. Micro-batches classify different numbers of turns, so a mean per micro-batch would not."""
+    run("train_align.py", monkeypatch, argv(synthetic_world, tmp_path, *ANSWERS, "--batch_size=4", "--grad_accum=1"))
+    one, two = metrics(tmp_path), metrics(answers_run[1])
+    assert len(one) == len(two) > 1
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+
+
+def test_stage_2_starts_from_its_fused_model_and_leaves_the_head(answers_run, synthetic_world, tmp_path, monkeypatch):
+    start = {}
+
+    def configure_optimizer_keeping_the_start(model, *args):
+        start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return configure_optimizer(model, *args)
+
+    monkeypatch.setattr("training.configure_optimizer", configure_optimizer_keeping_the_start)
+    stage1 = Path(answers_run[1]) / "ckpt.safetensors"
+    run("train_gen.py", monkeypatch, argv(synthetic_world, tmp_path, f"--init_from={stage1}", "--max_iters=1"))
+    saved, _ = load_checkpoint(str(stage1), prefix="model.")
+    taken = [k for k in saved if k.startswith(("model.compressor.", "model.vision."))]
+    assert taken and all(torch.equal(start[k[len("model."):]], saved[k]) for k in taken)
+    assert not any(k.startswith("answer_head.") for k in start)
