@@ -218,6 +218,25 @@ def init_from(model, path, log):
             f"bridge start fresh")
 
 
+def stage1_init_from(model, path, log):
+    """train_align.py's init_from: a stage-1 checkpoint's vision tower and fused model start this run; the rest
+    (text tower and alignment head, or answer head) keeps the fresh init `model` was built with, so one stage-1
+    objective can follow another."""
+    tensors, meta = load_checkpoint(path, prefix="model.")
+    if meta.get("stage") != "align":
+        raise InputError(f"{path}: a {meta.get('stage')!r} checkpoint; train_align.py's init_from takes a stage-1 one")
+    diff = config_diff(meta.get("model_config", {}), model.cfg, ignore=("text",))
+    if diff:
+        raise InputError(f"{path}: init_from's model differs from this config's (checkpoint, now): {diff} (set "
+                         f"these keys as the checkpoint has them)")
+    taken = ("vision.", "compressor.")
+    weights = {k: v for k, v in trained_weights(tensors).items() if k.startswith(taken)}
+    weights.update({k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(taken)})
+    load_trainable(model, weights, path, unused_prefixes=("text.", "align_head.", "logit_scale", "answer_head."),
+                   log=log)
+    log(f"vision tower and fused model initialised from {path} (stage-1 checkpoint at step {meta.get('step')})")
+
+
 # -----------------------------------------------------------------------------
 # Training checkpoints: save and exact resume
 

@@ -5,9 +5,9 @@
 #           afterwards, as Llama-2 in the paper) and the tiny CLIP on images and their scenes in words
 #           GATE 1: the LLM reads its context (greedy exact match on cell and row questions with the scene as one
 #           compound position per cell >= GATE_LLM %, and GATE_GAP points above the same questions without it)
-#        -> stage 1: the fused model alone learns to carry what a question asks for (train_align.py
-#           --objective=answers: the EOS output classifies the short answers, at every n_l of the sweep; the
-#           paper's contrastive stage 1 cannot teach one-word answers, results/tiny/README.md)
+#        -> stage 1: the paper's contrastive alignment, then the fused model alone learns to carry what a question
+#           asks for (train_align.py --objective=answers: the EOS output classifies the short answers, at every n_l
+#           of the sweep; the contrastive loss cannot teach one-word answers, results/tiny/README.md)
 #        -> stage 2: a base model at n_l = BASE_NL, the image's 16 tokens
 #           GATE 2: the model reads its images (SYNTH_VQA's cell questions with the right images >= GATE_GAP points
 #           above the same model shown other rows' images, evaluate.py --image_ablation=shuffle)
@@ -34,7 +34,8 @@ N_BENCH=${TINY_BENCH:-150}                 # rows per benchmark
 LM_STEPS=${TINY_LM_STEPS:-1000}            # stage 0, the LLM, LM_BATCH fresh conversations per step
 LM_BATCH=${TINY_LM_BATCH:-64}
 CLIP_STEPS=${TINY_CLIP_STEPS:-300}         # stage 0, CLIP, 64 fresh image-text pairs per step
-ALIGN_STEPS=${TINY_ALIGN_STEPS:-3000}      # stage 1, 16 conversations per step
+ALIGN_STEPS=${TINY_ALIGN_STEPS:-100}       # stage 1, contrastive, 16 conversations per step
+ANSWER_STEPS=${TINY_ANSWER_STEPS:-3000}    # stage 1, then objective=answers, 16 conversations per step
 GEN_STEPS=${TINY_GEN_STEPS:-1500}          # stage 2, 2 x GEN_BATCH conversations per step, for each compressor
 GEN_BATCH=${TINY_GEN_BATCH:-16}
 FT_STEPS=${TINY_FT_STEPS:-150}             # stage 3, 16 conversations per step
@@ -80,18 +81,24 @@ progress "data (seed $SEED): $N_TRAIN training conversations, 2 benchmarks x $N_
 run "$LOGS/prepare.log" $PYTHON data/synthetic/prepare.py --out_dir="$D" --n_train="$N_TRAIN" --n_val=$(( N_TRAIN / 50 )) \
     --n_bench="$N_BENCH" --seed="$SEED"
 
-progress "stage 0: LLM ($LM_STEPS steps), at once with CLIP ($CLIP_STEPS steps), then stage 1 (answers, $ALIGN_STEPS steps)"
+progress "stage 0: LLM ($LM_STEPS steps), at once with CLIP ($CLIP_STEPS steps), then stage 1 ($ALIGN_STEPS + $ANSWER_STEPS steps)"
 run "$LOGS/stage0_llm.log" $PYTHON data/synthetic/pretrain_llm.py --data_dir="$D" --llama_path="$D/llama" \
     --out_dir="$D/llama-lm" --max_iters="$LM_STEPS" --batch_size="$LM_BATCH" --seed="$SEED" & stage0=$!
 run "$LOGS/stage0_clip.log" $PYTHON data/synthetic/pretrain_clip.py --data_dir="$D" --out_dir="$D/clip-pretrained" \
     --max_iters="$CLIP_STEPS" --seed="$SEED"
 grep "^step $CLIP_STEPS/" "$LOGS/stage0_clip.log"
-# stage 1 reads only the LLM's tokenizer, which stage 0 copies unchanged; its classes are the 7 cell answers (a row's
-# or the grid's answer repeats a few times at most)
-run "$LOGS/stage1_align.log" $PYTHON train_align.py "${TINY[@]}" --llama_path="$D/llama" --out_dir="$OUT/align" \
-    --n_l="$BASE_NL" --n_s="$(n_s_of "$BASE_NL")" --max_iters="$ALIGN_STEPS" --log_interval=500 --objective=answers \
-    --answer_min_count=10 --n_l_mix="($(echo $NL | tr ' ' ','),)"
+# stage 1 reads only the LLM's tokenizer, which stage 0 copies unchanged. The contrastive part trains the vision tower
+# too, and shapes its tokens so that a cell can be picked out (from stage 0's CLIP alone the answers objective stayed
+# at chance for 3000 steps); the answers part's classes are the 7 cell answers (a row's or the grid's answer repeats a
+# few times at most)
+run "$LOGS/stage1_align.log" $PYTHON train_align.py "${TINY[@]}" --llama_path="$D/llama" --out_dir="$OUT/align-contrastive" \
+    --n_l="$BASE_NL" --n_s="$(n_s_of "$BASE_NL")" --max_iters="$ALIGN_STEPS"
 grep "^step $ALIGN_STEPS/" "$LOGS/stage1_align.log"
+run "$LOGS/stage1_answers.log" $PYTHON train_align.py "${TINY[@]}" --llama_path="$D/llama" --out_dir="$OUT/align" \
+    --init_from="$OUT/align-contrastive/ckpt.safetensors" --n_l="$BASE_NL" --n_s="$(n_s_of "$BASE_NL")" \
+    --max_iters="$ANSWER_STEPS" --log_interval=500 --objective=answers --answer_min_count=10 \
+    --n_l_mix="($(echo $NL | tr ' ' ','),)" --val_file=val.jsonl --eval_interval=1000
+grep "^step $ANSWER_STEPS " "$LOGS/stage1_answers.log"  # the validation loss (chance: ln 7 = 1.95)
 wait $stage0
 grep "^exact match" "$LOGS/stage0_llm.log"
 gate_score() {  # gate_score FORM: % of cell and row questions answered right with the scene told in FORM

@@ -29,15 +29,18 @@ the logit scale, a scalar fully_shard cannot cut, stays whole on every rank and 
 as DDP would. val_file: every eval_interval steps and at the end, the loss above on every validation batch of
 batch_size conversations in file order (negatives from the same batch, never gathered), averaged over the batches.
 
-objective=answers (model.AnswerModel): each question's EOS output goes through a linear head over the training
-file's answers that occur at least answer_min_count times (the classic VQA answer classifier); turns with another
-answer get no loss. loss = cross-entropy, the mean over the classified turns of the whole step (counted on all
-ranks first, as train_gen.py counts answer tokens). The vision tower stays as clip_path holds it, no text tower.
-Why it exists: the contrastive loss cannot teach one-word answers (a micro-batch of them holds the same answer
-many times, each the others' negative); in the miniature (results/tiny/README.md) it left the EOS output nearest
-the asked cell's colour 20.5% of the time where this objective reaches 95%+. n_l_mix: each conversation is read at
-one of these n_l (drawn per line, fusion.ConversationDataset's mix), so that the EOS output carries the answer at
-every n_l a later sweep uses; empty: n_l for all.
+objective=answers (model.AnswerModel): the first question's EOS output goes through a linear head over the training
+file's answers that occur at least answer_min_count times (the classic VQA answer classifier); loss = cross-entropy,
+the mean over the classified turns of the whole step (counted on all ranks first, as train_gen.py counts answer
+tokens). A first turn with another answer gets no loss, and so does every later turn: the first question's n_l
+outputs are what a sweep varies, and classifying later questions too slowed the learning (in the miniature,
+validation loss after 1500 steps: 0.80 with first turns only, 1.71 with every turn even at a higher learning rate).
+The vision tower is frozen (as clip_path or init_from holds it); there is no text tower. Why it exists: the
+contrastive loss cannot teach one-word answers (a micro-batch of them holds the same answer many times, each the
+others' negative); results/tiny/README.md measures both. n_l_mix: each conversation is read at one of these n_l
+(drawn once per line, fusion.ConversationDataset's mix), so that the EOS output carries the answer at every n_l a
+later sweep uses; empty: n_l for all. init_from: a stage-1 checkpoint's vision tower and fused model start the run
+(the miniature runs the contrastive objective first: the answers objective on stage 0's CLIP alone stayed at chance).
 """
 import collections
 import math
@@ -52,7 +55,7 @@ import torch.nn.functional as F
 
 from backbones import CLIPText, ViT
 from checkpoint import (checkpoint_meta, load_trainable, read_resumable, restore_training_state,
-                        save_training_checkpoint, trained_weights)
+                        save_training_checkpoint, stage1_init_from, trained_weights)
 from configurator import InputError, report_input_errors
 from fusion import TokenSpace, TokenSpaceConfig, parse_record
 from model import AlignModel, AnswerModel, FusedVLMConfig
@@ -68,6 +71,7 @@ class Config:
     train_file: str = "train.jsonl"
     clip_path: str = "weights/CLIP-ViT-H-14-laion2B-s32B-b79K"  # vision trunk, text tower, BPE vocabulary
     llama_path: str = "weights/Llama-2-7b-chat-hf"  # only its tokenizer: the LLM layout decides what fits
+    init_from: str = ""  # a stage-1 checkpoint whose vision tower and fused model start this run; empty: clip_path's
     skip_bad: bool = False  # count and skip malformed JSONL lines instead of stopping at the first
     resume: bool = False  # continue out_dir/ckpt.safetensors exactly
     stop_at_step: int = 0  # end this run early (with a checkpoint) at this step, e.g. for a job time limit
@@ -120,8 +124,11 @@ if cfg.objective not in ("contrastive", "answers"):
     raise InputError(f"objective must be contrastive or answers, got {cfg.objective!r}")
 if any(not isinstance(n, int) or n < 1 for n in cfg.n_l_mix):
     raise InputError(f"n_l_mix must hold n_l values >= 1, e.g. (1, 4, 16), got {cfg.n_l_mix}")
-run, train_path, val_path, ckpt_path = start_training(cfg, "download the LLM's folder with its tokenizer.model or "
-                                                           "tokenizer.json, e.g. meta-llama/Llama-2-7b-chat-hf, and put it there")
+run, train_path, val_path, ckpt_path = start_training(
+    cfg, "download the LLM's folder with its tokenizer.model or tokenizer.json, e.g. meta-llama/Llama-2-7b-chat-hf, "
+         "and put it there",
+    more_inputs=[("init_from", cfg.init_from, "train the earlier stage-1 run first: this is the ckpt.safetensors in "
+                                              "its out_dir")] if cfg.init_from and not cfg.resume else [])
 device, world_size, log = run.device, run.world_size, run.log
 
 # -----------------------------------------------------------------------------
@@ -180,6 +187,8 @@ if cfg.resume:
     resumed, resumed_meta = read_resumable(ckpt_path, "align", model_cfg, cfg, ("seed", "batch_size", "grad_accum"),
                                            world_size, log)
     load_trainable(raw_model, trained_weights(resumed), ckpt_path)
+elif cfg.init_from:
+    stage1_init_from(raw_model, cfg.init_from, log)
 model = distribute(raw_model, run, cfg, whole=[raw_model.logit_scale] if cfg.objective == "contrastive" else [])
 log(f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters"
     f"{f', sharded over {world_size} processes' if cfg.fsdp else ''}")
@@ -227,9 +236,14 @@ def align_loss(questions, answers, fused, logit_scale, gather=cfg.gather_negativ
 
 
 def answer_targets(batch):
-    """(A,) each turn's answer class, -1 for an answer that is not one."""
+    """(A,) each turn's answer class; -1 for an answer that is not one, and for every turn after a conversation's
+    first (see the docstring at the top)."""
     rows = [tuple(ids[mask].tolist()) for ids, mask in zip(batch["answer_ids"], batch["answer_attention_mask"])]
-    return torch.tensor([classes.get(row, -1) for row in rows], dtype=torch.long)
+    targets = torch.tensor([classes.get(row, -1) for row in rows], dtype=torch.long)
+    questions = (batch["output_mask"] & ~batch["query_mask"]).sum(-1)  # (B,): one EOS a question
+    first = torch.zeros(len(targets), dtype=torch.bool)
+    first[questions.cumsum(0) - questions] = True  # the answers are flattened sample by sample, turn by turn
+    return targets.masked_fill(~first, -1)
 
 
 def answers_step(micro_batches, step_log):

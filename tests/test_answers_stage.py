@@ -14,6 +14,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from checkpoint import load_checkpoint
+from configurator import InputError
 from fusion import collate
 from test_train import argv, metrics, run
 from training import configure_optimizer
@@ -48,6 +49,20 @@ def test_the_classes_are_the_answers_seen_min_count_times(answers_run, synthetic
                          merges=str(synthetic_world / "clip" / "merges.txt"))
     rows = {tuple(clip(a, add_special_tokens=False).input_ids + [clip.eos_token_id]) for a in frequent}
     assert set(answers_run[0]["classes"]) == rows
+
+
+def test_only_first_turns_are_classified(answers_run, synthetic_world):
+    script_globals = answers_run[0]
+    dataset, classes, targets_of = script_globals["dataset"], script_globals["classes"], script_globals["answer_targets"]
+    clip = CLIPTokenizer(vocab=str(synthetic_world / "clip" / "vocab.json"),
+                         merges=str(synthetic_world / "clip" / "merges.txt"))
+    expected = []
+    for line in (synthetic_world / "train.jsonl").read_text().splitlines():
+        answers = [m["content"] for m in json.loads(line)["messages"][1::2]]
+        first = tuple(clip(answers[0], add_special_tokens=False).input_ids + [clip.eos_token_id])
+        expected += [classes.get(first, -1)] + [-1] * (len(answers) - 1)
+    got = targets_of(collate([dataset[i] for i in range(len(dataset))])).tolist()
+    assert got == expected and any(t >= 0 for t in got) and len(got) > len(dataset)  # some second turns
 
 
 def test_the_loss_falls_and_only_the_fused_model_and_head_train(answers_run, synthetic_world):
@@ -103,3 +118,32 @@ def test_stage_2_starts_from_its_fused_model_and_leaves_the_head(answers_run, sy
     taken = [k for k in saved if k.startswith(("model.compressor.", "model.vision."))]
     assert taken and all(torch.equal(start[k[len("model."):]], saved[k]) for k in taken)
     assert not any(k.startswith("answer_head.") for k in start)
+
+
+def test_init_from_takes_a_stage_1_checkpoints_vision_tower_and_fused_model(answers_run, synthetic_world, tmp_path,
+                                                                          monkeypatch):
+    """The miniature runs the paper's contrastive stage 1, then the answers objective from it."""
+    run("train_align.py", monkeypatch, argv(synthetic_world, tmp_path / "contrastive", "--max_iters=2"))
+    contrastive = tmp_path / "contrastive" / "ckpt.safetensors"
+    start = {}
+
+    def configure_optimizer_keeping_the_start(model, *args):
+        start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return configure_optimizer(model, *args)
+
+    monkeypatch.setattr("training.configure_optimizer", configure_optimizer_keeping_the_start)
+    run("train_align.py", monkeypatch, argv(synthetic_world, tmp_path / "answers", *ANSWERS, "--max_iters=1",
+                                            f"--init_from={contrastive}"))
+    saved, _ = load_checkpoint(str(contrastive), prefix="model.")
+    taken = [k for k in saved if k.startswith(("model.compressor.", "model.vision."))]
+    assert taken and all(torch.equal(start[k[len("model."):]], saved[k]) for k in taken)
+    fresh = answers_run[0]["start_state"]["answer_head.weight"]  # the same seed draws the same fresh head
+    assert torch.equal(start["answer_head.weight"], fresh)
+
+
+def test_init_from_refuses_a_stage_2_checkpoint(answers_run, synthetic_world, tmp_path, monkeypatch):
+    stage1 = Path(answers_run[1]) / "ckpt.safetensors"
+    run("train_gen.py", monkeypatch, argv(synthetic_world, tmp_path / "gen", f"--init_from={stage1}", "--max_iters=1"))
+    with pytest.raises(InputError, match="a 'gen' checkpoint; train_align.py's init_from takes a stage-1 one"):
+        run("train_align.py", monkeypatch, argv(synthetic_world, tmp_path / "again", *ANSWERS,
+                                                f"--init_from={tmp_path / 'gen' / 'ckpt.safetensors'}"))

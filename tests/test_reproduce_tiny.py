@@ -323,7 +323,7 @@ CI_NL = (1, 2, 4)  # a fit needs 3 distinct n_l
 # 60 small LLM steps: enough for it to answer in the benchmarks' formats, so some scores are positive and get fitted
 CI_ENV = {"TINY_NL": " ".join(map(str, CI_NL)), "TINY_BASE_NL": "4", "TINY_TRAIN": "160", "TINY_BENCH": "8",
           "TINY_LM_STEPS": "60", "TINY_LM_BATCH": "8", "TINY_CLIP_STEPS": "2", "TINY_ALIGN_STEPS": "1",
-          "TINY_GEN_STEPS": "1", "TINY_FT_STEPS": "1", "TINY_GEN_BATCH": "4",
+          "TINY_ANSWER_STEPS": "1", "TINY_GEN_STEPS": "1", "TINY_FT_STEPS": "1", "TINY_GEN_BATCH": "4",
           # a seconds-long run learns nothing: the gates are measured and printed, but cannot stop it
           "TINY_GATE_LLM": "-1", "TINY_GATE_GAP": "-1000"}
 VARIANTS = ("VQQ", "VQ-ft", "VQQ-shuffled", "pool", "resampler")
