@@ -189,6 +189,9 @@ def inference_vlm(model_cfg, weights, llm, path, device, dtype):
     return trained_vlm(model_cfg, weights, llm, path).to(device=device, dtype=dtype).eval()
 
 
+STAGE1_ONLY = ("text.", "align_head.", "logit_scale", "answer_head.")  # stage 1's own parts, left behind by init_from
+
+
 def init_from(model, path, log):
     """train_gen.py's init_from: a stage-1 checkpoint gives its vision tower and fused model (the bridge starts
     fresh; its text tower and alignment head, or its answer head, are dropped), a stage-2/3 one everything it
@@ -211,7 +214,7 @@ def init_from(model, path, log):
     if fresh:
         weights = {k: v for k, v in weights.items() if not k.startswith(fresh)}
         weights.update({k: v.detach().clone() for k, v in model.trainable_state_dict().items() if k.startswith(fresh)})
-    load_trainable(model, weights, path, unused_prefixes=("text.", "align_head.", "logit_scale", "answer_head."), log=log)
+    load_trainable(model, weights, path, unused_prefixes=STAGE1_ONLY, log=log)
     log(f"initialised from {path} ({meta.get('stage')} checkpoint at step {meta.get('step')})")
     if swapped:
         log(f"compressor={ours}: {path} holds a {theirs} model; only its vision tower is taken, the {ours} and the "
@@ -232,8 +235,7 @@ def stage1_init_from(model, path, log):
     taken = ("vision.", "compressor.")
     weights = {k: v for k, v in trained_weights(tensors).items() if k.startswith(taken)}
     weights.update({k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(taken)})
-    load_trainable(model, weights, path, unused_prefixes=("text.", "align_head.", "logit_scale", "answer_head."),
-                   log=log)
+    load_trainable(model, weights, path, unused_prefixes=STAGE1_ONLY, log=log)
     log(f"vision tower and fused model initialised from {path} (stage-1 checkpoint at step {meta.get('step')})")
 
 

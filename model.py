@@ -358,8 +358,9 @@ class AlignModel(nn.Module):
 
 class AnswerModel(nn.Module):
     """Stage 1 with objective=answers: each question's EOS output classified over the training set's frequent
-    answers, as the classic VQA heads do. The vision tower is frozen: this stage teaches the fused model alone to
-    carry what its question asks for; the head is left behind with the stage."""
+    answers, as the classic VQA heads do (train_align.py gives the loss to first questions only). The vision tower
+    runs without gradient: this stage teaches the fused model alone to carry what its question asks for; the head is
+    left behind with the stage."""
 
     def __init__(self, cfg: FusedVLMConfig, n_answers):
         super().__init__()
