@@ -16,8 +16,7 @@ from transformers import CLIPTokenizer
 from checkpoint import load_checkpoint
 from configurator import InputError
 from fusion import collate
-from test_train import argv, metrics, run
-from training import configure_optimizer
+from test_train import argv, keeping_the_start, metrics, run
 
 MIN_COUNT = 2
 ANSWERS = ["--objective=answers", f"--answer_min_count={MIN_COUNT}", "--n_l_mix=(1, 4, 16)"]
@@ -27,14 +26,8 @@ ANSWERS = ["--objective=answers", f"--answer_min_count={MIN_COUNT}", "--n_l_mix=
 def answers_run(synthetic_world, tmp_path_factory):
     """The run's globals (start_state: the weights before the first step) and its folder."""
     out = tmp_path_factory.mktemp("answers")
-    start = {}
-
-    def configure_optimizer_keeping_the_start(model, *args):
-        start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return configure_optimizer(model, *args)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("training.configure_optimizer", configure_optimizer_keeping_the_start)
+        start = keeping_the_start(mp)
         script_globals = run("train_align.py", mp, argv(synthetic_world, out, *ANSWERS))
     return {**script_globals, "start_state": start}, out
 
@@ -105,13 +98,7 @@ def test_a_step_is_the_mean_over_its_classified_turns_whatever_the_split(answers
 
 
 def test_stage_2_starts_from_its_fused_model_and_leaves_the_head(answers_run, synthetic_world, tmp_path, monkeypatch):
-    start = {}
-
-    def configure_optimizer_keeping_the_start(model, *args):
-        start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return configure_optimizer(model, *args)
-
-    monkeypatch.setattr("training.configure_optimizer", configure_optimizer_keeping_the_start)
+    start = keeping_the_start(monkeypatch)
     stage1 = Path(answers_run[1]) / "ckpt.safetensors"
     run("train_gen.py", monkeypatch, argv(synthetic_world, tmp_path, f"--init_from={stage1}", "--max_iters=1"))
     saved, _ = load_checkpoint(str(stage1), prefix="model.")
@@ -125,13 +112,7 @@ def test_init_from_takes_a_stage_1_checkpoints_vision_tower_and_fused_model(answ
     """The miniature runs the paper's contrastive stage 1, then the answers objective from it."""
     run("train_align.py", monkeypatch, argv(synthetic_world, tmp_path / "contrastive", "--max_iters=2"))
     contrastive = tmp_path / "contrastive" / "ckpt.safetensors"
-    start = {}
-
-    def configure_optimizer_keeping_the_start(model, *args):
-        start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return configure_optimizer(model, *args)
-
-    monkeypatch.setattr("training.configure_optimizer", configure_optimizer_keeping_the_start)
+    start = keeping_the_start(monkeypatch)
     run("train_align.py", monkeypatch, argv(synthetic_world, tmp_path / "answers", *ANSWERS, "--max_iters=1",
                                             f"--init_from={contrastive}"))
     saved, _ = load_checkpoint(str(contrastive), prefix="model.")

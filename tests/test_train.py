@@ -72,20 +72,27 @@ def turns_naming_their_cells(data_dir, out_dir):
     return path
 
 
-@pytest.fixture(scope="module")
-def align_run(data_dir, tmp_path_factory):
-    """The run's globals and folder; globals["start_state"]: the model's weights before the first step. It trains
-    on the turns whose answers differ (turns_naming_their_cells); the image paths stay relative to data_dir."""
-    out = tmp_path_factory.mktemp("align")
-    train_file = turns_naming_their_cells(data_dir, tmp_path_factory.mktemp("align-data"))
+def keeping_the_start(mp):
+    """Patch the optimizer's construction to keep the weights a run starts from; -> that dict, filled at the run's
+    start (its keys: the model's state dict)."""
     start = {}
 
     def configure_optimizer_keeping_the_start(model, *args):
         start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
         return configure_optimizer(model, *args)
 
+    mp.setattr("training.configure_optimizer", configure_optimizer_keeping_the_start)
+    return start
+
+
+@pytest.fixture(scope="module")
+def align_run(data_dir, tmp_path_factory):
+    """The run's globals and folder; globals["start_state"]: the model's weights before the first step. It trains
+    on the turns whose answers differ (turns_naming_their_cells); the image paths stay relative to data_dir."""
+    out = tmp_path_factory.mktemp("align")
+    train_file = turns_naming_their_cells(data_dir, tmp_path_factory.mktemp("align-data"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("training.configure_optimizer", configure_optimizer_keeping_the_start)
+        start = keeping_the_start(mp)
         script_globals = run("train_align.py", mp, argv(data_dir, out, f"--train_file={train_file}"))
     return {**script_globals, "start_state": start}, out
 
