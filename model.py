@@ -372,13 +372,15 @@ class AnswerModel(nn.Module):
         nn.init.zeros_(self.answer_head.bias)
 
     def forward(self, batch):
-        """-> answer logits (A, n_answers) at each question's EOS."""
+        """-> (answer logits (A, n_answers) at each question's EOS, loss_sum): cross-entropy summed over the questions
+        whose batch["answer_class"] is not -1. As in FusedVLM, the caller divides by the whole step's count."""
         with torch.no_grad():
             vision_tokens = self.vision(batch["pixel_values"])
         fused = self.compressor(vision_tokens, batch["crop_to_sample"], batch["fused_ids"], batch["query_mask"],
                                 batch["output_mask"])
         is_eos = ~batch["query_mask"][batch["output_mask"]]
-        return self.answer_head(fused[is_eos])
+        logits = self.answer_head(fused[is_eos])
+        return logits, F.cross_entropy(logits.float(), batch["answer_class"], ignore_index=-1, reduction="sum")
 
     def blocks(self):
         return [*self.vision.vit.layers, *self.compressor.layers]

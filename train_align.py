@@ -59,8 +59,8 @@ from checkpoint import (checkpoint_meta, load_trainable, read_resumable, restore
 from configurator import InputError, report_input_errors
 from fusion import TokenSpace, TokenSpaceConfig, parse_record
 from model import AlignModel, AnswerModel, FusedVLMConfig
-from training import (all_reduce, clip_gradients, configure_optimizer, distribute, epoch_steps, gradient_sync,
-                      read_config, read_datasets, start_training, stop_if_diverged, train, val_mean)
+from training import (all_reduce, answer_loss_step, clip_gradients, configure_optimizer, distribute, epoch_steps,
+                      gradient_sync, read_config, read_datasets, start_training, stop_if_diverged, train, val_mean)
 
 
 @dataclass
@@ -190,7 +190,8 @@ if cfg.resume:
 elif cfg.init_from:
     stage1_init_from(raw_model, cfg.init_from, log)
 model = distribute(raw_model, run, cfg, whole=[raw_model.logit_scale] if cfg.objective == "contrastive" else [])
-log(f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters"
+trainable = [p for p in raw_model.parameters() if p.requires_grad]
+log(f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters"
     f"{f', sharded over {world_size} processes' if cfg.fsdp else ''}")
 
 optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.999), device.type)
@@ -236,8 +237,8 @@ def align_loss(questions, answers, fused, logit_scale, gather=cfg.gather_negativ
 
 
 def answer_targets(batch):
-    """(A,) each turn's answer class; -1 for an answer that is not one, and for every turn after a conversation's
-    first (see the docstring at the top)."""
+    """(A,) each turn's answer class (AnswerModel's batch["answer_class"]); -1 for an answer that is not one, and for
+    every turn after a conversation's first (see the docstring at the top)."""
     rows = [tuple(ids[mask].tolist()) for ids, mask in zip(batch["answer_ids"], batch["answer_attention_mask"])]
     targets = torch.tensor([classes.get(row, -1) for row in rows], dtype=torch.long)
     questions = (batch["output_mask"] & ~batch["query_mask"]).sum(-1)  # (B,): one EOS a question
@@ -246,28 +247,18 @@ def answer_targets(batch):
     return targets.masked_fill(~first, -1)
 
 
+def classified(batch):
+    return int((batch["answer_class"] >= 0).sum())
+
+
 def answers_step(micro_batches, step_log):
-    """objective=answers: each micro-batch back-propagates its cross-entropy sum * world_size / N, N the classified
-    turns of the whole step on all ranks, so the gradient is that of the mean over the global batch (train_gen.py's
-    docstring works out the same arithmetic for answer tokens). -> (this rank's loss sum, N, gradient norm)."""
-    targets = [answer_targets(batch) for batch in micro_batches]
-    n_classified = all_reduce(torch.tensor(sum(int((t >= 0).sum()) for t in targets), device=device))
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for micro_step, (batch, target) in enumerate(zip(micro_batches, targets)):
-        step_log.count(batch)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with gradient_sync(model, last_micro_step=micro_step == cfg.grad_accum - 1):
-            with run.autocast:
-                logits = model(batch)
-            micro_sum = F.cross_entropy(logits.float(), target.to(device), ignore_index=-1, reduction="sum")
-            (micro_sum * world_size / n_classified.clamp(min=1)).backward()
-        loss_sum += micro_sum.detach()
-    grad_norm = clip_gradients([p for p in raw_model.parameters() if p.requires_grad], cfg.grad_clip)
-    stop_if_diverged(loss_sum, grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    step_log.step_done()
-    return loss_sum, int(n_classified.clamp(min=1)), grad_norm
+    """objective=answers: the cross-entropy mean over the step's classified turns on all ranks, by train_gen.py's
+    arithmetic (training.answer_loss_step, counting classified turns instead of answer tokens)."""
+    for batch in micro_batches:
+        batch["answer_class"] = answer_targets(batch)
+    loss_sum, n_classified, grad_norm = answer_loss_step(model, micro_batches, optimizer, trainable, cfg.grad_clip,
+                                                         world_size, device, run.autocast, step_log, count=classified)
+    return loss_sum, n_classified.item(), grad_norm
 
 
 def contrastive_step(micro_batches, step_log):
@@ -298,16 +289,15 @@ def contrastive_step(micro_batches, step_log):
 def val_batch_loss(module, batch):
     """A validation batch's loss: contrastive with negatives from the same batch (never gathered) -> (loss, 1), a
     mean over batches; answers -> (cross-entropy sum, classified turns), a mean over turns."""
-    if cfg.objective == "answers":
-        target = answer_targets(batch).to(device)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with run.autocast:
-            logits = module(batch)
-        return F.cross_entropy(logits.float(), target, ignore_index=-1, reduction="sum"), int((target >= 0).sum())
+    answers = cfg.objective == "answers"
+    if answers:
+        batch["answer_class"] = answer_targets(batch)
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with run.autocast:
-        questions, answers, fused = module(batch)
-    contrastive, eye = align_loss(questions, answers, fused, module.logit_scale, gather=False)
+        out = module(batch)
+    if answers:
+        return out[1], classified(batch)
+    contrastive, eye = align_loss(*out, module.logit_scale, gather=False)
     return contrastive + cfg.eye_weight * eye, 1
 
 

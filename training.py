@@ -434,12 +434,15 @@ def stop_if_diverged(loss_sum, grad_norm):
         raise Diverged(f"the {'loss' if bad[0] else 'gradient norm'} is not finite")
 
 
-def answer_loss_step(model, micro_batches, optimizer, params, grad_clip, world_size, device, autocast, step_log):
+def answer_loss_step(model, micro_batches, optimizer, params, grad_clip, world_size, device, autocast, step_log,
+                     count=supervised_tokens):
     """One optimizer step of train_gen.py's loss (its docstring works out the arithmetic): each micro-batch
-    back-propagates its answer-loss sum * world_size / N, N the supervised tokens of the whole step on all ranks,
-    so the gradient is that of the token mean over the global batch. Also what bench.py --mode=train times.
-    -> (this rank's loss sum, N, the gradient norm before clipping)."""
-    n_labels = all_reduce(torch.tensor(sum(supervised_tokens(b) for b in micro_batches), device=device))
+    back-propagates its answer-loss sum (model(batch) -> (_, loss sum)) * world_size / N, N = count(batch) summed
+    over the whole step on all ranks (the supervised tokens; train_align.py's answers objective: the classified
+    turns), so the gradient is that of the mean over the global batch. Also what bench.py --mode=train times.
+    A step with nothing to count adds no gradient (N is taken as 1). -> (this rank's loss sum, N, the gradient
+    norm before clipping)."""
+    n_labels = all_reduce(torch.tensor(sum(count(b) for b in micro_batches), device=device)).clamp(min=1)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for micro_step, batch in enumerate(micro_batches):
         step_log.count(batch)

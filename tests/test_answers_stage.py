@@ -32,6 +32,19 @@ def answers_run(synthetic_world, tmp_path_factory):
     return {**script_globals, "start_state": start}, out
 
 
+def first_answer_classes(synthetic_world, classes):
+    """Each conversation's expected targets, from the JSONL and CLIPTokenizer: its first answer's class (-1 when it is
+    not one), -1 for every later turn."""
+    clip = CLIPTokenizer(vocab=str(synthetic_world / "clip" / "vocab.json"),
+                         merges=str(synthetic_world / "clip" / "merges.txt"))
+    expected = []
+    for line in (synthetic_world / "train.jsonl").read_text().splitlines():
+        answers = [m["content"] for m in json.loads(line)["messages"][1::2]]
+        first = tuple(clip(answers[0], add_special_tokens=False).input_ids + [clip.eos_token_id])
+        expected += [classes.get(first, -1)] + [-1] * (len(answers) - 1)
+    return expected
+
+
 def test_the_classes_are_the_answers_seen_min_count_times(answers_run, synthetic_world):
     counts = collections.Counter()
     for line in (synthetic_world / "train.jsonl").read_text().splitlines():
@@ -46,14 +59,8 @@ def test_the_classes_are_the_answers_seen_min_count_times(answers_run, synthetic
 
 def test_only_first_turns_are_classified(answers_run, synthetic_world):
     script_globals = answers_run[0]
-    dataset, classes, targets_of = script_globals["dataset"], script_globals["classes"], script_globals["answer_targets"]
-    clip = CLIPTokenizer(vocab=str(synthetic_world / "clip" / "vocab.json"),
-                         merges=str(synthetic_world / "clip" / "merges.txt"))
-    expected = []
-    for line in (synthetic_world / "train.jsonl").read_text().splitlines():
-        answers = [m["content"] for m in json.loads(line)["messages"][1::2]]
-        first = tuple(clip(answers[0], add_special_tokens=False).input_ids + [clip.eos_token_id])
-        expected += [classes.get(first, -1)] + [-1] * (len(answers) - 1)
+    dataset, targets_of = script_globals["dataset"], script_globals["answer_targets"]
+    expected = first_answer_classes(synthetic_world, script_globals["classes"])
     got = targets_of(collate([dataset[i] for i in range(len(dataset))])).tolist()
     assert got == expected and any(t >= 0 for t in got) and len(got) > len(dataset)  # some second turns
 
@@ -84,6 +91,27 @@ def test_the_loss_falls_and_only_the_fused_model_and_head_train(answers_run, syn
     assert vision and all(torch.equal(saved[f"model.{k}"], start[k]) for k in vision)
     assert not torch.equal(saved["model.compressor.queries"], start["compressor.queries"])
     assert not torch.equal(saved["model.answer_head.weight"], start["answer_head.weight"])
+
+
+def test_the_logged_loss_is_the_mean_cross_entropy_over_classified_turns(answers_run, synthetic_world, tmp_path,
+                                                                        monkeypatch):
+    """One step over all 16 conversations (8 x 2 accumulation): its loss, worked out here from the starting weights'
+    logits and the targets read from the JSONL, is the mean over the classified first turns, not over answer
+    tokens or micro-batches."""
+    start = keeping_the_start(monkeypatch)
+    script_globals = run("train_align.py", monkeypatch, argv(synthetic_world, tmp_path, *ANSWERS, "--max_iters=1",
+                                                             "--batch_size=8", "--grad_accum=2"))
+    model, dataset = script_globals["raw_model"], script_globals["dataset"]
+    targets = torch.tensor(first_answer_classes(synthetic_world, script_globals["classes"]))
+    model.load_state_dict(start)
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    batch["answer_class"] = torch.full((len(targets),), -1)  # the model's own loss is not what is checked here
+    with torch.no_grad():
+        logits, _ = model(batch)
+    picked = targets >= 0
+    expected = -torch.log_softmax(logits[picked], -1).gather(1, targets[picked, None]).mean()
+    assert len(dataset) == 16 and 0 < picked.sum() < len(targets)
+    assert metrics(tmp_path)[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_a_step_is_the_mean_over_its_classified_turns_whatever_the_split(answers_run, synthetic_world, tmp_path,
