@@ -1,7 +1,8 @@
 """
-Stage 0 of the tiny reproduction: pre-train the tiny random Llama to answer from a scene written in words, so that
-the LLM frozen in stages 1-3 can read its context, as Llama-2 can in the paper. A frozen LLM that cannot take an
-answer from its context gives the vision tokens nothing to say: every answer falls back to the answers' prior.
+Stage 0 of the tiny reproduction: pre-train the tiny random Llama to answer from a scene told where the vision
+tokens go (in words, or one compound position a cell), so that the LLM frozen in stages 1-3 can read its context, as
+Llama-2 can in the paper. A frozen LLM that cannot take an answer from its context gives the vision tokens nothing
+to say: every answer falls back to the answers' prior.
 
     python data/synthetic/pretrain_llm.py --data_dir=data/synthetic/out --out_dir=data/synthetic/out/llama-lm
 
